@@ -1,0 +1,31 @@
+//! Errors of a Raft group, shaped by what the caller does with them.
+
+use palisade_storage::StoreError;
+use thiserror::Error;
+
+use crate::types::{GroupId, NodeId};
+
+#[derive(Debug, Error)]
+pub enum GroupError {
+    /// Redirect: this node does not lead the group. Nothing was applied.
+    #[error("node is not the leader of group {group}")]
+    NotLeader {
+        group: GroupId,
+        /// The leader this node knows of, with its address when known.
+        leader: Option<(NodeId, Option<String>)>,
+    },
+    /// Retry later: leadership could not be confirmed by a quorum.
+    #[error("group {group} has no quorum: {reason}")]
+    NoQuorum { group: GroupId, reason: String },
+    /// The write was proposed but did not complete in time; it may still
+    /// apply. Safe to retry only with the same request id.
+    #[error("outcome of the write to group {group} is unknown (timed out waiting for commit)")]
+    UnknownOutcome { group: GroupId },
+    /// The group's Raft instance stopped on this node (e.g. a storage error).
+    #[error("group {group} stopped on this node: {reason}")]
+    Stopped { group: GroupId, reason: String },
+    #[error("group {group}: {message}")]
+    Raft { group: GroupId, message: String },
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}

@@ -1,0 +1,218 @@
+//! One Raft group of a palisade node: openraft glue, the replicated state
+//! machine and the peer network.
+//!
+//! A node hosts many groups (multi-Raft). Each [`RaftGroup`] owns an
+//! `openraft::Raft` whose log and state live in the node's shared sled
+//! database (see `palisade-storage`), and whose messages travel over the
+//! node's shared peer channels tagged with the group id.
+//!
+//! Reads go through [`RaftGroup::read_index`] (openraft's ReadIndex: the
+//! leader confirms with a quorum that it still leads, then waits until it has
+//! applied the read index) before touching the state, which makes them
+//! linearizable. Writes go through [`RaftGroup::write`], which resolves once
+//! the entry is committed (fsynced on a majority) and applied on this leader.
+
+pub mod error;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ServerState};
+use palisade_storage::{NodeStore, StateTree};
+
+pub use error::GroupError;
+pub use network::{PeerChannels, PeerNetwork};
+pub use state_machine::StateMachine;
+pub use types::*;
+
+/// A replica's view of its group, for status reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaState {
+    pub group: GroupId,
+    pub node: NodeId,
+    pub role: &'static str,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub snapshots_installed: u64,
+    pub voters: Vec<NodeId>,
+}
+
+/// One Raft group hosted on this node.
+pub struct RaftGroup {
+    id: GroupId,
+    node: NodeId,
+    raft: Raft,
+    state: StateTree,
+    installed: Arc<AtomicU64>,
+}
+
+impl RaftGroup {
+    /// Opens the group's storage on `store` and starts its Raft instance.
+    pub async fn open(
+        node: NodeId,
+        id: GroupId,
+        store: &NodeStore,
+        config: Arc<openraft::Config>,
+        channels: PeerChannels,
+    ) -> Result<Self, GroupError> {
+        let log = store.log_store::<TypeConfig>(id)?;
+        let state = store.state_tree(id)?;
+        let sm = StateMachine::new(id, state.clone(), store.snapshot_store(id)?, store.flusher().clone())?;
+        let installed = sm.installed_counter();
+        let raft = Raft::new(node, config, PeerNetwork::new(id, channels), log, sm)
+            .await
+            .map_err(|e| GroupError::Raft {
+                group: id,
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            id,
+            node,
+            raft,
+            state,
+            installed,
+        })
+    }
+
+    pub fn id(&self) -> GroupId {
+        self.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The group's replicated key-value state on this node.
+    pub fn state(&self) -> &StateTree {
+        &self.state
+    }
+
+    /// Makes `members` the group's first voters. A no-op when the group is
+    /// already initialized (e.g. on restart), so every node may call it.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, BasicNode>) -> Result<(), GroupError> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(GroupError::Raft {
+                group: self.id,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied here.
+    ///
+    /// On `timeout` the outcome is unknown: the entry may still commit.
+    pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, GroupError> {
+        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
+            Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(GroupError::NotLeader {
+                group: self.id,
+                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(GroupError::Raft {
+                group: self.id,
+                message: e.to_string(),
+            }),
+            Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
+                group: self.id,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// ReadIndex: returns once this node is confirmed leader by a quorum and
+    /// has applied everything committed before the call. Reads of the state
+    /// after this are linearizable.
+    pub async fn read_index(&self, timeout: Duration) -> Result<(), GroupError> {
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(GroupError::NoQuorum {
+                group: self.id,
+                reason: format!("leadership not confirmed within {timeout:?}"),
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(GroupError::NotLeader {
+                group: self.id,
+                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+            }),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => Err(GroupError::NoQuorum {
+                group: self.id,
+                reason: q.to_string(),
+            }),
+            Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
+                group: self.id,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The leader this node currently knows of, with its address.
+    pub fn leader(&self) -> Option<(NodeId, Option<String>)> {
+        // Never hold the metrics borrow across an await.
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
+        Some((id, addr))
+    }
+
+    /// Whether this node is the group's leader right now (by its own view).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Addresses of every member (voters and learners) of the group.
+    pub fn member_addrs(&self) -> BTreeMap<NodeId, String> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    }
+
+    /// This replica's state.
+    pub async fn replica_state(&self) -> ReplicaState {
+        let m = self.raft.metrics().borrow().clone();
+        let commit_index = self
+            .raft
+            .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
+            .await
+            .unwrap_or(0);
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        ReplicaState {
+            group: self.id,
+            node: self.node,
+            role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
+            snapshots_installed: self.installed.load(Ordering::Relaxed),
+            voters: voters.into_iter().collect(),
+        }
+    }
+
+    /// Stops the Raft instance.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(group = self.id, error = %e, "raft shutdown failed");
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Raft messages between nodes, over the `Peer` gRPC service.
+//!
+//! One [`PeerChannels`] cache per node holds a lazily connected tonic channel
+//! per peer, shared by all groups. Every RPC runs under the deadline openraft
+//! gives it; on a transport error or timeout the channel is dropped so the
+//! next RPC dials afresh (a stream wedged by a partition never recovers on
+//! its own). openraft's request and response types travel as bincode payloads
+//! tagged with the group id.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use palisade_proto::v1::RaftMessage;
+use palisade_proto::v1::peer_client::PeerClient;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::types::{GroupId, NodeId, TypeConfig};
+
+/// How long dialing a peer may take before the RPC counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Cached channels to peers, keyed by node id. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    inner: Arc<Mutex<BTreeMap<NodeId, (String, Channel)>>>,
+}
+
+impl PeerChannels {
+    /// The channel to `node` at `addr`, created if missing or if the node's
+    /// address changed.
+    pub fn get(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((a, ch)) = map.get(&node) {
+            if a == addr {
+                return Ok(ch.clone());
+            }
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        map.insert(node, (addr.to_string(), channel.clone()));
+        Ok(channel)
+    }
+
+    /// Forgets the channel to `node`, so the next call dials again.
+    pub fn drop_channel(&self, node: NodeId) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+    }
+}
+
+/// Creates per-target connections for one group.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    group: GroupId,
+    channels: PeerChannels,
+}
+
+impl PeerNetwork {
+    pub fn new(group: GroupId, channels: PeerChannels) -> Self {
+        Self { group, channels }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+}
+
+/// Sends one group's Raft messages to one peer.
+pub struct PeerConnection {
+    group: GroupId,
+    target: NodeId,
+    addr: String,
+    channels: PeerChannels,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+/// Errors of one peer RPC before openraft's error types are chosen.
+enum CallError {
+    /// Could not reach the peer (or no answer in time): retry later.
+    Unreachable(String),
+    /// The peer answered with something we cannot decode.
+    Network(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(&self, rpc: Rpc, req: &Req, option: &RPCOption) -> Result<Result<Resp, E>, CallError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let payload = bincode::serde::encode_to_vec(req, bincode::config::standard())
+            .map_err(|e| CallError::Network(format!("encoding request: {e}")))?;
+        let channel = self
+            .channels
+            .get(self.target, &self.addr)
+            .map_err(|e| CallError::Unreachable(format!("bad address {}: {e}", self.addr)))?;
+        let mut client = PeerClient::new(channel).max_decoding_message_size(usize::MAX);
+        let deadline = option.hard_ttl();
+        let mut request = tonic::Request::new(RaftMessage {
+            group_id: self.group,
+            payload,
+        });
+        request.set_timeout(deadline);
+        let fut = async {
+            match rpc {
+                Rpc::AppendEntries => client.append_entries(request).await,
+                Rpc::Vote => client.vote(request).await,
+                Rpc::InstallSnapshot => client.install_snapshot(request).await,
+            }
+        };
+        let reply = match tokio::time::timeout(deadline, fut).await {
+            Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Err(status)) => {
+                // Transport failures and timeouts surface as statuses too;
+                // either way, dial afresh next time.
+                self.channels.drop_channel(self.target);
+                return Err(CallError::Unreachable(format!("{}: {}", status.code(), status.message())));
+            }
+            Err(_) => {
+                self.channels.drop_channel(self.target);
+                return Err(CallError::Unreachable(format!("no reply within {deadline:?}")));
+            }
+        };
+        let (result, _) = bincode::serde::decode_from_slice(&reply.payload, bincode::config::standard())
+            .map_err(|e| CallError::Network(format!("decoding reply: {e}")))?;
+        Ok(result)
+    }
+
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        e: CallError,
+    ) -> RPCError<NodeId, BasicNode, E> {
+        match e {
+            CallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Msg(m))),
+            CallError::Network(m) => RPCError::Network(NetworkError::new(&Msg(m))),
+        }
+    }
+
+    fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, BasicNode, E> {
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            BasicNode {
+                addr: self.addr.clone(),
+            },
+            e,
+        ))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call::<_, _, RaftError<NodeId>>(Rpc::AppendEntries, &rpc, &option).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(self.remote(e)),
+            Err(e) => Err(self.rpc_error(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        match self
+            .call::<_, _, RaftError<NodeId, InstallSnapshotError>>(Rpc::InstallSnapshot, &rpc, &option)
+            .await
+        {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(self.remote(e)),
+            Err(e) => Err(self.rpc_error(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call::<_, _, RaftError<NodeId>>(Rpc::Vote, &rpc, &option).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(self.remote(e)),
+            Err(e) => Err(self.rpc_error(e)),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! openraft type configuration and the replicated command format.
+//!
+//! Every write is a [`Command`]: an optional request id (for at-most-once
+//! application of retried writes) and a [`Txn`]. A plain put or delete is a
+//! transaction with no compares and a single operation, so the state machine
+//! has one write path.
+
+use std::io::Cursor;
+
+use palisade_storage::KeyRecord;
+use serde::{Deserialize, Serialize};
+
+/// Node ids are small integers chosen by the operator.
+pub type NodeId = u64;
+
+/// A group id. Group 0 is the meta group; data groups are 1..=N.
+pub type GroupId = u64;
+
+/// The meta group's id.
+pub const META_GROUP: GroupId = 0;
+
+openraft::declare_raft_types!(
+    /// Types palisade plugs into openraft.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A Raft instance of one group.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Identifies a client write so that retries apply at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestId {
+    pub client_id: u64,
+    pub seq: u64,
+    /// Results of this client's writes below this seq may be forgotten.
+    pub first_incomplete_seq: u64,
+}
+
+/// A replicated write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub request_id: Option<RequestId>,
+    pub txn: Txn,
+}
+
+/// If every compare holds, apply `success`, else `failure`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub success: Vec<TxnOp>,
+    pub failure: Vec<TxnOp>,
+}
+
+impl Txn {
+    /// An unconditional single operation.
+    pub fn single(op: TxnOp) -> Self {
+        Self {
+            compares: Vec::new(),
+            success: vec![op],
+            failure: Vec::new(),
+        }
+    }
+
+    /// Every key the transaction touches.
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        let ops = self.success.iter().chain(&self.failure).map(TxnOp::key);
+        self.compares.iter().map(|c| c.key.as_slice()).chain(ops)
+    }
+}
+
+/// One operation inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+    Get { key: Vec<u8> },
+}
+
+impl TxnOp {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } | TxnOp::Get { key } => key,
+        }
+    }
+}
+
+/// A condition on a key's current record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    pub key: Vec<u8>,
+    pub op: CompareOp,
+    pub target: CompareTarget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareOp {
+    Equal,
+    NotEqual,
+    Less,
+    Greater,
+}
+
+/// What a compare looks at, with the operand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    Value(Vec<u8>),
+    Version(u64),
+    ModRevision(u64),
+    CreateRevision(u64),
+    /// Only `Equal` and `NotEqual` are meaningful (validated at the edge).
+    Exists(bool),
+}
+
+impl Compare {
+    /// Evaluates the compare against `record` (`None`: the key is absent).
+    ///
+    /// As in etcd, an absent key has version, create and mod revision 0, and
+    /// any value compare against it fails.
+    pub fn holds(&self, record: Option<&KeyRecord>) -> bool {
+        use std::cmp::Ordering;
+        let ord = match (&self.target, record) {
+            (CompareTarget::Value(_), None) => return false,
+            (CompareTarget::Value(v), Some(r)) => r.value.as_slice().cmp(v.as_slice()),
+            (CompareTarget::Version(v), r) => r.map_or(0, |r| r.version).cmp(v),
+            (CompareTarget::ModRevision(v), r) => r.map_or(0, |r| r.mod_revision).cmp(v),
+            (CompareTarget::CreateRevision(v), r) => r.map_or(0, |r| r.create_revision).cmp(v),
+            (CompareTarget::Exists(want), r) => {
+                let same = r.is_some() == *want;
+                return match self.op {
+                    CompareOp::Equal => same,
+                    CompareOp::NotEqual => !same,
+                    CompareOp::Less | CompareOp::Greater => false,
+                };
+            }
+        };
+        match self.op {
+            CompareOp::Equal => ord == Ordering::Equal,
+            CompareOp::NotEqual => ord != Ordering::Equal,
+            CompareOp::Less => ord == Ordering::Less,
+            CompareOp::Greater => ord == Ordering::Greater,
+        }
+    }
+}
+
+/// What applying an entry produced. Failed compares are a *result*, not an
+/// error: every replica reaches the same one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// The entry's log index: the revision of the write.
+    pub revision: u64,
+    pub succeeded: bool,
+    /// One result per operation of the branch that ran.
+    pub results: Vec<OpResult>,
+}
+
+/// The result of one transaction operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    Put { prev: Option<KeyRecord> },
+    Delete { prev: Option<KeyRecord> },
+    Get { record: Option<KeyRecord> },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(value: &[u8], version: u64) -> KeyRecord {
+        KeyRecord {
+            value: value.to_vec(),
+            create_revision: 3,
+            mod_revision: 7,
+            version,
+        }
+    }
+
+    fn cmp(op: CompareOp, target: CompareTarget) -> Compare {
+        Compare {
+            key: b"k".to_vec(),
+            op,
+            target,
+        }
+    }
+
+    #[test]
+    fn compares_follow_etcd_semantics() {
+        let r = rec(b"b", 2);
+        use CompareOp::*;
+        use CompareTarget::*;
+        assert!(cmp(Equal, Value(b"b".to_vec())).holds(Some(&r)));
+        assert!(cmp(Greater, Value(b"a".to_vec())).holds(Some(&r)));
+        assert!(!cmp(Equal, Value(b"b".to_vec())).holds(None), "value compare on absent key fails");
+        assert!(!cmp(NotEqual, Value(b"b".to_vec())).holds(None));
+        assert!(cmp(Equal, Version(0)).holds(None), "absent key has version 0");
+        assert!(cmp(Less, Version(3)).holds(Some(&r)));
+        assert!(cmp(Equal, ModRevision(7)).holds(Some(&r)));
+        assert!(cmp(Equal, CreateRevision(3)).holds(Some(&r)));
+        assert!(cmp(Equal, Exists(true)).holds(Some(&r)));
+        assert!(cmp(Equal, Exists(false)).holds(None));
+        assert!(cmp(NotEqual, Exists(true)).holds(None));
+        assert!(!cmp(Less, Exists(true)).holds(Some(&r)));
+    }
+}

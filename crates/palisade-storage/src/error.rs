@@ -1,0 +1,34 @@
+//! The storage error type.
+
+use thiserror::Error;
+
+/// Errors from the storage layer. All are environmental (disk, corruption):
+/// a node that hits one must stop serving the affected group rather than
+/// diverge from its replicas.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("encoding a record: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("decoding a record: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("corrupt storage: {what}")]
+    Corrupt { what: String },
+    #[error("flush failed: {0}")]
+    Flush(String),
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    Ok(bincode::serde::encode_to_vec(value, bincode::config::standard())?)
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())?;
+    if used != bytes.len() {
+        return Err(StoreError::Corrupt {
+            what: format!("record has {} trailing bytes", bytes.len() - used),
+        });
+    }
+    Ok(value)
+}

@@ -1,0 +1,131 @@
+//! Durable storage for a palisade node: one sled `Db` shared by every Raft
+//! group the node hosts.
+//!
+//! # What this crate owns
+//!
+//! - [`NodeStore`]: opens the node's sled database and hands out per-group
+//!   trees. Each group `g` owns four trees:
+//!   - `g{g}/log`: Raft log entries, keyed by big-endian log index;
+//!   - `g{g}/raft`: the vote, the committed log id and the last purged log id;
+//!   - `g{g}/state`: the replicated key-value state (see [`state`]);
+//!   - `g{g}/snap`: the last snapshot this replica built or installed.
+//!   A node-level `node` tree records facts fixed at bootstrap (e.g. the
+//!   number of data groups).
+//! - [`Flusher`]: **group commit**. sled makes nothing durable until
+//!   `flush()`, and every flush syncs the whole `Db`. One flusher thread per
+//!   node collects the appends (and votes, commits) of *all* groups that wait
+//!   for durability and covers them with a single fsync.
+//! - [`LogStore`]: openraft's `RaftLogStorage` on the `log`/`raft` trees.
+//!   Appended entries are acknowledged to openraft only after the fsync that
+//!   covers them; votes and the committed id are durable before their save
+//!   call returns.
+//! - [`StateTree`]: the key-value records with `create_revision`,
+//!   `mod_revision` and `version`, request-deduplication records, and the
+//!   applied log id, all written in one atomic batch per apply call.
+//!
+//! # Crash model
+//!
+//! sled recovers a prefix of the operations issued before a crash; anything
+//! after the last completed `flush()` may be lost. The log is therefore the
+//! source of truth: the state tree is not flushed on every apply (it is
+//! rebuilt by re-applying committed entries on restart), and the log is
+//! purged only after a flush has made the state that covers it durable.
+//!
+//! # Deliberately missing
+//!
+//! Version history (MVCC reads at a past revision) and compaction: records
+//! keep the latest version only, with the metadata history needs.
+
+pub mod error;
+pub mod flush;
+pub mod keys;
+pub mod log;
+pub mod snapshot;
+pub mod state;
+
+use std::path::Path;
+
+pub use error::StoreError;
+pub use flush::{FlushStats, Flusher};
+pub use log::LogStore;
+pub use snapshot::SnapshotStore;
+pub use state::{KeyRecord, ScanResult, StateBatch, StateTree};
+
+/// Default bound on sled's page cache: sled's own default is 1 GiB, far too
+/// much for a node that may run next to four others on a laptop.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The node's sled database plus its group-commit flusher.
+#[derive(Clone)]
+pub struct NodeStore {
+    db: sled::Db,
+    flusher: Flusher,
+}
+
+impl NodeStore {
+    /// Opens (or creates) the database under `path`.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            // Durability is driven by our flusher; sled's timer would only add
+            // fsyncs that nobody waits for.
+            .flush_every_ms(None)
+            .open()?;
+        let flusher = Flusher::start(db.clone());
+        Ok(Self { db, flusher })
+    }
+
+    /// The group-commit flusher shared by all groups of this node.
+    pub fn flusher(&self) -> &Flusher {
+        &self.flusher
+    }
+
+    /// The Raft log store of `group`.
+    pub fn log_store<C: openraft::RaftTypeConfig>(&self, group: u64) -> Result<LogStore<C>, StoreError> {
+        LogStore::open(&self.db, group, self.flusher.clone())
+    }
+
+    /// The replicated key-value state of `group`.
+    pub fn state_tree(&self, group: u64) -> Result<StateTree, StoreError> {
+        StateTree::open(&self.db, group)
+    }
+
+    /// Where `group` keeps its latest snapshot.
+    pub fn snapshot_store(&self, group: u64) -> Result<SnapshotStore, StoreError> {
+        SnapshotStore::open(&self.db, group)
+    }
+
+    /// Reads a node-level fact recorded at bootstrap.
+    pub fn node_fact(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let tree = self.db.open_tree("node")?;
+        match tree.get(name)? {
+            None => Ok(None),
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    what: format!("node fact {name}: expected 8 bytes, found {}", v.len()),
+                })?;
+                Ok(Some(u64::from_be_bytes(bytes)))
+            }
+        }
+    }
+
+    /// Records a node-level fact durably.
+    pub fn set_node_fact(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let tree = self.db.open_tree("node")?;
+        tree.insert(name, &value.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes sled occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Flushes everything now (used before purging logs and at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
