@@ -1,1 +1,551 @@
-pub fn x(){}
+//! Rust client for palisade.
+//!
+//! [`Client`] connects to a list of endpoints, learns the cluster's shard map
+//! and node addresses from `ClusterStatus`, and sends each request straight
+//! to the leader of the group that owns its key when it knows it (any node
+//! accepts any request and forwards it, so a wrong guess costs one hop).
+//!
+//! # Retries
+//!
+//! - `UNAVAILABLE` with a leader hint: nothing was applied; retry at the
+//!   hinted leader at once.
+//! - `UNAVAILABLE` without a hint, transport errors, timeouts: retry with
+//!   exponential backoff and full jitter, rotating endpoints, until the
+//!   request deadline.
+//! - Writes carry a [`RequestId`](pb::RequestId) (a random client id and a
+//!   sequence number) and the server applies each id at most once, so a
+//!   write retried after an ambiguous failure cannot apply twice. If the
+//!   deadline passes after such a failure, the write fails with
+//!   [`Error::UnknownOutcome`]: it may or may not have applied.
+//! - Any other status (e.g. `INVALID_ARGUMENT`) is returned at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palisade_proto::v1 as pb;
+use palisade_proto::v1::admin_client::AdminClient;
+use palisade_proto::v1::kv_client::KvClient;
+use palisade_shard::ShardMap;
+use prost::Message;
+use rand::Rng;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+pub use palisade_proto::v1 as proto;
+
+/// Client errors, shaped by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or over a limit; retrying will not help.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No node could serve the request before the deadline; nothing was
+    /// applied.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A write may or may not have applied (its last attempt failed in an
+    /// ambiguous way and the deadline passed).
+    #[error("outcome unknown: {0}")]
+    UnknownOutcome(String),
+    /// Any other status from the server.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(Status),
+    #[error("bad endpoint {0}")]
+    Endpoint(String),
+}
+
+impl Error {
+    /// The gRPC code this error corresponds to.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::UnknownOutcome(_) => Code::DeadlineExceeded,
+            Error::Status(s) => s.code(),
+            Error::Endpoint(_) => Code::InvalidArgument,
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` (or `http://host:port`) of some nodes.
+    pub endpoints: Vec<String>,
+    /// Deadline of one attempt. Longer than the server's write timeout (5 s)
+    /// so the server, not the client, decides when a write is stuck.
+    pub attempt_timeout: Duration,
+    /// Deadline of a whole request, retries included.
+    pub request_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            attempt_timeout: Duration::from_secs(6),
+            request_timeout: Duration::from_secs(15),
+            backoff_base: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(1000),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+}
+
+/// A palisade client. Cheap to clone; clones share connections and caches.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    channels: Mutex<BTreeMap<String, Channel>>,
+    /// Group → address of its last known leader.
+    leaders: Mutex<BTreeMap<u64, String>>,
+    /// Node id → address, from cluster status.
+    nodes: Mutex<BTreeMap<u64, String>>,
+    shard: Mutex<Option<ShardMap>>,
+    client_id: u64,
+    next_seq: AtomicU64,
+    /// Seqs of writes not yet completed; the lowest is reported to servers so
+    /// they can forget older results.
+    inflight: Mutex<BTreeSet<u64>>,
+    next_endpoint: AtomicUsize,
+}
+
+fn normalize(addr: &str) -> String {
+    addr.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+impl Client {
+    /// Connects to the cluster behind `endpoints` and learns its shard map.
+    pub async fn connect(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<Client, Error> {
+        Self::with_config(ClientConfig::new(endpoints)).await
+    }
+
+    pub async fn with_config(mut config: ClientConfig) -> Result<Client, Error> {
+        config.endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| normalize(e))
+            .filter(|e| !e.is_empty())
+            .collect();
+        if config.endpoints.is_empty() {
+            return Err(Error::Endpoint("no endpoints given".into()));
+        }
+        for e in &config.endpoints {
+            Endpoint::from_shared(format!("http://{e}"))
+                .map_err(|err| Error::Endpoint(format!("{e}: {err}")))?;
+        }
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                channels: Mutex::default(),
+                leaders: Mutex::default(),
+                nodes: Mutex::default(),
+                shard: Mutex::default(),
+                client_id: rand::thread_rng().gen_range(1..u64::MAX),
+                next_seq: AtomicU64::new(1),
+                inflight: Mutex::default(),
+                next_endpoint: AtomicUsize::new(0),
+            }),
+        };
+        client.cluster_status().await?;
+        Ok(client)
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+        let mut channels = Self::lock(&self.inner.channels);
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Endpoint(format!("{addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(1000))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn drop_channel(&self, addr: &str) {
+        Self::lock(&self.inner.channels).remove(addr);
+    }
+
+    fn next_endpoint(&self) -> String {
+        let eps = &self.inner.config.endpoints;
+        let i = self.inner.next_endpoint.fetch_add(1, Ordering::Relaxed);
+        eps[i % eps.len()].clone()
+    }
+
+    fn target(&self, group: Option<u64>) -> String {
+        group
+            .and_then(|g| Self::lock(&self.inner.leaders).get(&g).cloned())
+            .unwrap_or_else(|| self.next_endpoint())
+    }
+
+    /// The data group that owns `key`, if the shard map is known.
+    pub fn group_for_key(&self, key: &[u8]) -> Option<u64> {
+        Self::lock(&self.inner.shard).map(|s| s.group_for_key(key))
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let c = &self.inner.config;
+        let cap = c
+            .backoff_base
+            .saturating_mul(1 << attempt.min(16))
+            .min(c.backoff_max);
+        Duration::from_micros(rand::thread_rng().gen_range(0..=cap.as_micros() as u64))
+    }
+
+    fn remember_leader(&self, group: u64, header: Option<&pb::ResponseHeader>) {
+        let Some(h) = header else { return };
+        if let Some(addr) = Self::lock(&self.inner.nodes).get(&h.node_id).cloned() {
+            Self::lock(&self.inner.leaders).insert(group, addr);
+        }
+    }
+
+    fn begin_write(&self) -> pb::RequestId {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut inflight = Self::lock(&self.inner.inflight);
+        inflight.insert(seq);
+        let first = *inflight.first().unwrap_or(&seq);
+        pb::RequestId {
+            client_id: self.inner.client_id,
+            seq,
+            first_incomplete_seq: first,
+        }
+    }
+
+    fn end_write(&self, id: &pb::RequestId) {
+        Self::lock(&self.inner.inflight).remove(&id.seq);
+    }
+
+    /// Runs one request with routing and retries.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        group: Option<u64>,
+        kind: Kind,
+        req: Req,
+        send: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_timeout;
+        let mut maybe_applied = false;
+        let mut attempt = 0u32;
+        loop {
+            let addr = self.target(group);
+            let mut request = Request::new(req.clone());
+            request.set_timeout(config.attempt_timeout);
+            let client = KvClient::new(self.channel(&addr)?).max_decoding_message_size(usize::MAX);
+            let outcome = tokio::time::timeout(config.attempt_timeout, send(client, request)).await;
+            let mut hinted = false;
+            let last_error;
+            match outcome {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => {
+                    let detail = pb::ErrorDetail::decode(status.details())
+                        .ok()
+                        .and_then(|d| d.kind);
+                    match (status.code(), detail) {
+                        (Code::Unavailable, Some(pb::error_detail::Kind::NotLeader(nl))) => {
+                            let mut leaders = Self::lock(&self.inner.leaders);
+                            if !nl.leader_addr.is_empty() && nl.leader_addr != addr {
+                                leaders.insert(nl.group_id, nl.leader_addr.clone());
+                                hinted = true;
+                            } else {
+                                leaders.remove(&nl.group_id);
+                            }
+                        }
+                        (
+                            Code::DeadlineExceeded,
+                            Some(pb::error_detail::Kind::UnknownOutcome(_)),
+                        ) => {
+                            maybe_applied = true;
+                        }
+                        (
+                            Code::Unavailable
+                            | Code::Unknown
+                            | Code::Cancelled
+                            | Code::DeadlineExceeded,
+                            _,
+                        ) => {
+                            // Transport trouble: the request may have reached
+                            // the server before the failure.
+                            maybe_applied = true;
+                            self.drop_channel(&addr);
+                            if let Some(g) = group {
+                                Self::lock(&self.inner.leaders).remove(&g);
+                            }
+                        }
+                        (Code::InvalidArgument, _) => {
+                            return Err(Error::InvalidArgument(status.message().to_string()));
+                        }
+                        _ => return Err(Error::Status(status)),
+                    }
+                    last_error = format!("{addr}: {}: {}", status.code(), status.message());
+                }
+                Err(_) => {
+                    maybe_applied = true;
+                    self.drop_channel(&addr);
+                    if let Some(g) = group {
+                        Self::lock(&self.inner.leaders).remove(&g);
+                    }
+                    last_error = format!("{addr}: no reply within {:?}", config.attempt_timeout);
+                }
+            }
+            let pause = if hinted && attempt == 0 {
+                Duration::ZERO
+            } else {
+                self.backoff(attempt)
+            };
+            attempt += 1;
+            if Instant::now() + pause >= deadline {
+                return Err(if kind == Kind::Write && maybe_applied {
+                    Error::UnknownOutcome(last_error)
+                } else {
+                    Error::Unavailable(last_error)
+                });
+            }
+            tracing::debug!(attempt, error = %last_error, "retrying");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Sets `key` to `value`.
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<pb::PutResponse, Error> {
+        self.put_request(pb::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Sends a put request (its request id is filled in).
+    pub async fn put_request(&self, mut req: pb::PutRequest) -> Result<pb::PutResponse, Error> {
+        let id = self.begin_write();
+        req.request_id = Some(id);
+        let group = self.group_for_key(&req.key);
+        let res = self
+            .call(
+                group,
+                Kind::Write,
+                req,
+                |mut c, r| async move { c.put(r).await },
+            )
+            .await;
+        self.end_write(&id);
+        if let (Some(g), Ok(r)) = (group, &res) {
+            self.remember_leader(g, r.header.as_ref());
+        }
+        res
+    }
+
+    /// Reads `key` (linearizable).
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<pb::GetResponse, Error> {
+        let req = pb::GetRequest { key: key.into() };
+        let group = self.group_for_key(&req.key);
+        let res = self
+            .call(
+                group,
+                Kind::Read,
+                req,
+                |mut c, r| async move { c.get(r).await },
+            )
+            .await;
+        if let (Some(g), Ok(r)) = (group, &res) {
+            self.remember_leader(g, r.header.as_ref());
+        }
+        res
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<pb::DeleteResponse, Error> {
+        let id = self.begin_write();
+        let req = pb::DeleteRequest {
+            key: key.into(),
+            prev_kv: false,
+            request_id: Some(id),
+        };
+        let group = self.group_for_key(&req.key);
+        let res = self
+            .call(group, Kind::Write, req, |mut c, r| async move {
+                c.delete(r).await
+            })
+            .await;
+        self.end_write(&id);
+        res
+    }
+
+    /// Scans a range or prefix across all groups.
+    pub async fn scan(&self, req: pb::ScanRequest) -> Result<pb::ScanResponse, Error> {
+        self.call(
+            None,
+            Kind::Read,
+            req,
+            |mut c, r| async move { c.scan(r).await },
+        )
+        .await
+    }
+
+    /// All keys starting with `prefix`, up to `limit` (0: server default).
+    pub async fn scan_prefix(
+        &self,
+        prefix: impl Into<Vec<u8>>,
+        limit: u32,
+    ) -> Result<pb::ScanResponse, Error> {
+        self.scan(pb::ScanRequest {
+            key: prefix.into(),
+            prefix: true,
+            limit,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Runs a transaction (its request id is filled in).
+    pub async fn txn(&self, mut req: pb::TxnRequest) -> Result<pb::TxnResponse, Error> {
+        let id = self.begin_write();
+        req.request_id = Some(id);
+        let key = req
+            .compare
+            .first()
+            .map(|c| c.key.clone())
+            .or_else(|| req.success.iter().chain(&req.failure).find_map(op_key));
+        let group = key.and_then(|k| self.group_for_key(&k));
+        let res = self
+            .call(
+                group,
+                Kind::Write,
+                req,
+                |mut c, r| async move { c.txn(r).await },
+            )
+            .await;
+        self.end_write(&id);
+        res
+    }
+
+    /// Sets `key` to `new` if its value is `expected` (`None`: if it does not
+    /// exist). Returns whether the swap happened and the key's value when it
+    /// did not.
+    pub async fn compare_and_swap(
+        &self,
+        key: impl Into<Vec<u8>>,
+        expected: Option<Vec<u8>>,
+        new: impl Into<Vec<u8>>,
+    ) -> Result<(bool, pb::TxnResponse), Error> {
+        use pb::compare::{Op, Operand, Target};
+        let key = key.into();
+        let compare = match expected {
+            Some(v) => pb::Compare {
+                key: key.clone(),
+                target: Target::Value as i32,
+                op: Op::Equal as i32,
+                operand: Some(Operand::Value(v)),
+            },
+            None => pb::Compare {
+                key: key.clone(),
+                target: Target::Exists as i32,
+                op: Op::Equal as i32,
+                operand: Some(Operand::Exists(false)),
+            },
+        };
+        let op = |r| pb::RequestOp { request: Some(r) };
+        let resp = self
+            .txn(pb::TxnRequest {
+                compare: vec![compare],
+                success: vec![op(pb::request_op::Request::Put(pb::PutRequest {
+                    key: key.clone(),
+                    value: new.into(),
+                    ..Default::default()
+                }))],
+                failure: vec![op(pb::request_op::Request::Get(pb::GetRequest { key }))],
+                request_id: None,
+            })
+            .await?;
+        Ok((resp.succeeded, resp))
+    }
+
+    /// Cluster status from the first endpoint that answers; refreshes the
+    /// client's shard map and node addresses.
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let addr = self.next_endpoint();
+            let mut request = Request::new(pb::ClusterStatusRequest {});
+            request.set_timeout(config.attempt_timeout);
+            let mut admin = AdminClient::new(self.channel(&addr)?);
+            let last =
+                match tokio::time::timeout(config.attempt_timeout, admin.cluster_status(request))
+                    .await
+                {
+                    Ok(Ok(resp)) => {
+                        let status = resp.into_inner();
+                        *Self::lock(&self.inner.shard) =
+                            ShardMap::new(u64::from(status.data_groups));
+                        *Self::lock(&self.inner.nodes) = status
+                            .nodes
+                            .iter()
+                            .map(|n| (n.id, n.addr.clone()))
+                            .collect();
+                        return Ok(status);
+                    }
+                    Ok(Err(s)) => {
+                        self.drop_channel(&addr);
+                        format!("{addr}: {}: {}", s.code(), s.message())
+                    }
+                    Err(_) => {
+                        self.drop_channel(&addr);
+                        format!("{addr}: no reply")
+                    }
+                };
+            let pause = self.backoff(attempt);
+            attempt += 1;
+            if Instant::now() + pause >= deadline {
+                return Err(Error::Unavailable(last));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+fn op_key(op: &pb::RequestOp) -> Option<Vec<u8>> {
+    use pb::request_op::Request;
+    match op.request.as_ref()? {
+        Request::Put(p) => Some(p.key.clone()),
+        Request::Delete(d) => Some(d.key.clone()),
+        Request::Get(g) => Some(g.key.clone()),
+    }
+}

@@ -68,7 +68,12 @@ impl RaftGroup {
     ) -> Result<Self, GroupError> {
         let log = store.log_store::<TypeConfig>(id)?;
         let state = store.state_tree(id)?;
-        let sm = StateMachine::new(id, state.clone(), store.snapshot_store(id)?, store.flusher().clone())?;
+        let sm = StateMachine::new(
+            id,
+            state.clone(),
+            store.snapshot_store(id)?,
+            store.flusher().clone(),
+        )?;
         let installed = sm.installed_counter();
         let raft = Raft::new(node, config, PeerNetwork::new(id, channels), log, sm)
             .await
@@ -114,18 +119,26 @@ impl RaftGroup {
     /// Proposes `cmd` and waits until it is committed and applied here.
     ///
     /// On `timeout` the outcome is unknown: the entry may still commit.
-    pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, GroupError> {
+    pub async fn write(
+        &self,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<CommandResult, GroupError> {
         match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(GroupError::NotLeader {
-                group: self.id,
-                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
-            }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(GroupError::Raft {
-                group: self.id,
-                message: e.to_string(),
-            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(GroupError::NotLeader {
+                    group: self.id,
+                    leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+                })
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Err(GroupError::Raft {
+                    group: self.id,
+                    message: e.to_string(),
+                })
+            }
             Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
                 group: self.id,
                 reason: e.to_string(),
@@ -143,14 +156,18 @@ impl RaftGroup {
                 reason: format!("leadership not confirmed within {timeout:?}"),
             }),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => Err(GroupError::NotLeader {
-                group: self.id,
-                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
-            }),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => Err(GroupError::NoQuorum {
-                group: self.id,
-                reason: q.to_string(),
-            }),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(GroupError::NotLeader {
+                    group: self.id,
+                    leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+                })
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(GroupError::NoQuorum {
+                    group: self.id,
+                    reason: q.to_string(),
+                })
+            }
             Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
                 group: self.id,
                 reason: e.to_string(),
@@ -163,7 +180,11 @@ impl RaftGroup {
         // Never hold the metrics borrow across an await.
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone());
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone());
         Some((id, addr))
     }
 
@@ -175,7 +196,10 @@ impl RaftGroup {
     /// Addresses of every member (voters and learners) of the group.
     pub fn member_addrs(&self) -> BTreeMap<NodeId, String> {
         let m = self.raft.metrics().borrow().clone();
-        m.membership_config.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+        m.membership_config
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect()
     }
 
     /// This replica's state.

@@ -11,13 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use palisade_proto::v1::RaftMessage;
 use palisade_proto::v1::peer_client::PeerClient;
 use serde::Serialize;
@@ -40,10 +42,10 @@ impl PeerChannels {
     /// address changed.
     pub fn get(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((a, ch)) = map.get(&node) {
-            if a == addr {
-                return Ok(ch.clone());
-            }
+        if let Some((a, ch)) = map.get(&node)
+            && a == addr
+        {
+            return Ok(ch.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -57,7 +59,10 @@ impl PeerChannels {
 
     /// Forgets the channel to `node`, so the next call dials again.
     pub fn drop_channel(&self, node: NodeId) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
     }
 }
 
@@ -115,7 +120,12 @@ enum CallError {
 struct Msg(String);
 
 impl PeerConnection {
-    async fn call<Req, Resp, E>(&self, rpc: Rpc, req: &Req, option: &RPCOption) -> Result<Result<Resp, E>, CallError>
+    async fn call<Req, Resp, E>(
+        &self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Result<Resp, E>, CallError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -147,22 +157,26 @@ impl PeerConnection {
                 // Transport failures and timeouts surface as statuses too;
                 // either way, dial afresh next time.
                 self.channels.drop_channel(self.target);
-                return Err(CallError::Unreachable(format!("{}: {}", status.code(), status.message())));
+                return Err(CallError::Unreachable(format!(
+                    "{}: {}",
+                    status.code(),
+                    status.message()
+                )));
             }
             Err(_) => {
                 self.channels.drop_channel(self.target);
-                return Err(CallError::Unreachable(format!("no reply within {deadline:?}")));
+                return Err(CallError::Unreachable(format!(
+                    "no reply within {deadline:?}"
+                )));
             }
         };
-        let (result, _) = bincode::serde::decode_from_slice(&reply.payload, bincode::config::standard())
-            .map_err(|e| CallError::Network(format!("decoding reply: {e}")))?;
+        let (result, _) =
+            bincode::serde::decode_from_slice(&reply.payload, bincode::config::standard())
+                .map_err(|e| CallError::Network(format!("decoding reply: {e}")))?;
         Ok(result)
     }
 
-    fn rpc_error<E: std::error::Error>(
-        &self,
-        e: CallError,
-    ) -> RPCError<NodeId, BasicNode, E> {
+    fn rpc_error<E: std::error::Error>(&self, e: CallError) -> RPCError<NodeId, BasicNode, E> {
         match e {
             CallError::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&Msg(m))),
             CallError::Network(m) => RPCError::Network(NetworkError::new(&Msg(m))),
@@ -186,7 +200,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.call::<_, _, RaftError<NodeId>>(Rpc::AppendEntries, &rpc, &option).await {
+        match self
+            .call::<_, _, RaftError<NodeId>>(Rpc::AppendEntries, &rpc, &option)
+            .await
+        {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.remote(e)),
             Err(e) => Err(self.rpc_error(e)),
@@ -197,10 +214,16 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         match self
-            .call::<_, _, RaftError<NodeId, InstallSnapshotError>>(Rpc::InstallSnapshot, &rpc, &option)
+            .call::<_, _, RaftError<NodeId, InstallSnapshotError>>(
+                Rpc::InstallSnapshot,
+                &rpc,
+                &option,
+            )
             .await
         {
             Ok(Ok(resp)) => Ok(resp),
@@ -214,7 +237,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.call::<_, _, RaftError<NodeId>>(Rpc::Vote, &rpc, &option).await {
+        match self
+            .call::<_, _, RaftError<NodeId>>(Rpc::Vote, &rpc, &option)
+            .await
+        {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.remote(e)),
             Err(e) => Err(self.rpc_error(e)),

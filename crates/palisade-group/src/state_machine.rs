@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
 use palisade_storage::{Flusher, SnapshotStore, StateBatch, StateTree, StoreError};
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,12 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    pub fn new(group: GroupId, state: StateTree, snapshots: SnapshotStore, flusher: Flusher) -> Result<Self, StoreError> {
+    pub fn new(
+        group: GroupId,
+        state: StateTree,
+        snapshots: SnapshotStore,
+        flusher: Flusher,
+    ) -> Result<Self, StoreError> {
         let applied: Option<LogId<NodeId>> = state.meta(APPLIED)?.flatten();
         state.set_revision(applied.map_or(0, |l| l.index));
         Ok(Self {
@@ -63,12 +68,16 @@ impl StateMachine {
         self.installed.clone()
     }
 
-    fn apply_command(batch: &mut StateBatch<'_>, revision: u64, cmd: &Command) -> Result<CommandResult, StoreError> {
-        if let Some(id) = &cmd.request_id {
-            if let Some(done) = batch.dedup_get(id.client_id, id.seq)? {
-                // A retry of a write that already applied: answer as before.
-                return decode_result(&done);
-            }
+    fn apply_command(
+        batch: &mut StateBatch<'_>,
+        revision: u64,
+        cmd: &Command,
+    ) -> Result<CommandResult, StoreError> {
+        if let Some(id) = &cmd.request_id
+            && let Some(done) = batch.dedup_get(id.client_id, id.seq)?
+        {
+            // A retry of a write that already applied: answer as before.
+            return decode_result(&done);
         }
         let txn = &cmd.txn;
         let mut succeeded = true;
@@ -78,7 +87,11 @@ impl StateMachine {
                 break;
             }
         }
-        let branch = if succeeded { &txn.success } else { &txn.failure };
+        let branch = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
         let mut results = Vec::with_capacity(branch.len());
         for op in branch {
             results.push(match op {
@@ -88,7 +101,9 @@ impl StateMachine {
                 TxnOp::Delete { key } => OpResult::Delete {
                     prev: batch.delete(key)?,
                 },
-                TxnOp::Get { key } => OpResult::Get { record: batch.get(key)? },
+                TxnOp::Get { key } => OpResult::Get {
+                    record: batch.get(key)?,
+                },
             });
         }
         let result = CommandResult {
@@ -112,12 +127,19 @@ impl StateMachine {
 }
 
 /// Persists a snapshot as the group's current one.
-fn save_snapshot(snapshots: &SnapshotStore, meta: &SnapMeta, data: &[u8]) -> Result<(), StoreError> {
+fn save_snapshot(
+    snapshots: &SnapshotStore,
+    meta: &SnapMeta,
+    data: &[u8],
+) -> Result<(), StoreError> {
     snapshots.save(&encode(meta)?, data)
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    Ok(bincode::serde::encode_to_vec(v, bincode::config::standard())?)
+    Ok(bincode::serde::encode_to_vec(
+        v,
+        bincode::config::standard(),
+    )?)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
@@ -189,9 +211,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
-        let applied = self.state.meta::<Option<LogId<NodeId>>>(APPLIED).map_err(sm_read_err)?.flatten();
-        let membership = self.state.meta::<Membership>(MEMBERSHIP).map_err(sm_read_err)?.unwrap_or_default();
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let applied = self
+            .state
+            .meta::<Option<LogId<NodeId>>>(APPLIED)
+            .map_err(sm_read_err)?
+            .flatten();
+        let membership = self
+            .state
+            .meta::<Membership>(MEMBERSHIP)
+            .map_err(sm_read_err)?
+            .unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -211,7 +243,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     succeeded: true,
                     results: Vec::new(),
                 },
-                EntryPayload::Normal(cmd) => Self::apply_command(&mut batch, revision, cmd).map_err(sm_write_err)?,
+                EntryPayload::Normal(cmd) => {
+                    Self::apply_command(&mut batch, revision, cmd).map_err(sm_write_err)?
+                }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     batch.set_meta(MEMBERSHIP, &stored).map_err(sm_write_err)?;
@@ -245,7 +279,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // This method cannot fail; a failed copy is reported by build_snapshot.
         let (copy, copy_error) = match copy {
             Ok(c) => (c, None),
-            Err(e) => ((Vec::new(), None, Membership::default()), Some(e.to_string())),
+            Err(e) => (
+                (Vec::new(), None, Membership::default()),
+                Some(e.to_string()),
+            ),
         };
         let (records, applied, membership) = copy;
         SnapshotBuilder {
@@ -260,7 +297,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -270,15 +309,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let snap_err = |e: StoreError| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e));
+        let snap_err = |e: StoreError| {
+            StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
+        };
         let records: Vec<(Vec<u8>, Vec<u8>)> = decode(&data).map_err(snap_err)?;
         let revision = meta.last_log_id.map_or(0, |l| l.index);
         self.state.import(records, revision).map_err(snap_err)?;
         // The copied meta records already say this; writing them again makes
         // the state agree with `meta` even if the sender's copy was older.
         let mut batch = self.state.batch();
-        batch.set_meta(APPLIED, &meta.last_log_id).map_err(snap_err)?;
-        batch.set_meta(MEMBERSHIP, &meta.last_membership).map_err(snap_err)?;
+        batch
+            .set_meta(APPLIED, &meta.last_log_id)
+            .map_err(snap_err)?;
+        batch
+            .set_meta(MEMBERSHIP, &meta.last_membership)
+            .map_err(snap_err)?;
         batch.set_revision(revision);
         batch.commit().map_err(snap_err)?;
         save_snapshot(&self.snapshots, meta, &data).map_err(snap_err)?;
@@ -291,7 +336,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let snap = self
             .read_snapshot()
             .map_err(|e| StorageIOError::read_snapshot(None, &e))?;

@@ -194,9 +194,15 @@ mod tests {
         use CompareTarget::*;
         assert!(cmp(Equal, Value(b"b".to_vec())).holds(Some(&r)));
         assert!(cmp(Greater, Value(b"a".to_vec())).holds(Some(&r)));
-        assert!(!cmp(Equal, Value(b"b".to_vec())).holds(None), "value compare on absent key fails");
+        assert!(
+            !cmp(Equal, Value(b"b".to_vec())).holds(None),
+            "value compare on absent key fails"
+        );
         assert!(!cmp(NotEqual, Value(b"b".to_vec())).holds(None));
-        assert!(cmp(Equal, Version(0)).holds(None), "absent key has version 0");
+        assert!(
+            cmp(Equal, Version(0)).holds(None),
+            "absent key has version 0"
+        );
         assert!(cmp(Less, Version(3)).holds(Some(&r)));
         assert!(cmp(Equal, ModRevision(7)).holds(Some(&r)));
         assert!(cmp(Equal, CreateRevision(3)).holds(Some(&r)));

@@ -8,7 +8,9 @@ use palisade_storage::{LogStore, NodeStore};
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, tempfile::TempDir> for SledBuilder {
+impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, tempfile::TempDir>
+    for SledBuilder
+{
     async fn build(
         &self,
     ) -> Result<(tempfile::TempDir, LogStore<TypeConfig>, StateMachine), StorageError<NodeId>> {
@@ -27,6 +29,8 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, tempfile::Temp
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(SledBuilder)
+fn openraft_storage_suite() {
+    if let Err(e) = Suite::test_all(SledBuilder) {
+        panic!("openraft storage suite failed: {e}");
+    }
 }

@@ -57,7 +57,8 @@ impl Flusher {
         self.submit(Box::new(move |res| {
             let _ = tx.send(res);
         }));
-        rx.await.map_err(|_| io::Error::other("flusher dropped a completion"))?
+        rx.await
+            .map_err(|_| io::Error::other("flusher dropped a completion"))?
     }
 
     /// Flush counters.
@@ -72,7 +73,9 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Completion>, stats: &FlushStats) {
         batch.extend(rx.try_iter());
         let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
         stats.flushes.fetch_add(1, Ordering::Relaxed);
-        stats.completions.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .completions
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, "flush failed; failing every waiting write");
         }

@@ -95,8 +95,14 @@ mod tests {
         enc.sort();
         let back: Vec<&[u8]> = enc.iter().map(|k| decode_user_key(k).unwrap()).collect();
         assert_eq!(raw, back);
-        assert!(enc.iter().all(|k| k.as_slice() < user_keys_end().as_slice()));
-        assert!(enc.iter().all(|k| k.as_slice() > meta_key("applied").as_slice()));
+        assert!(
+            enc.iter()
+                .all(|k| k.as_slice() < user_keys_end().as_slice())
+        );
+        assert!(
+            enc.iter()
+                .all(|k| k.as_slice() > meta_key("applied").as_slice())
+        );
     }
 
     #[test]
@@ -108,7 +114,10 @@ mod tests {
 
     #[test]
     fn log_keys_order_by_index() {
-        let keys: Vec<[u8; 8]> = [0u64, 1, 255, 256, u64::MAX].iter().map(|i| log_key(*i)).collect();
+        let keys: Vec<[u8; 8]> = [0u64, 1, 255, 256, u64::MAX]
+            .iter()
+            .map(|i| log_key(*i))
+            .collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(decode_log_key(&log_key(42)), Some(42));
         assert_eq!(decode_log_key(b"short"), None);

@@ -9,6 +9,7 @@
 //!   - `g{g}/raft`: the vote, the committed log id and the last purged log id;
 //!   - `g{g}/state`: the replicated key-value state (see [`state`]);
 //!   - `g{g}/snap`: the last snapshot this replica built or installed.
+//!
 //!   A node-level `node` tree records facts fixed at bootstrap (e.g. the
 //!   number of data groups).
 //! - [`Flusher`]: **group commit**. sled makes nothing durable until
@@ -49,7 +50,7 @@ pub use error::StoreError;
 pub use flush::{FlushStats, Flusher};
 pub use log::LogStore;
 pub use snapshot::SnapshotStore;
-pub use state::{KeyRecord, ScanResult, StateBatch, StateTree};
+pub use state::{KeyEntry, KeyRecord, RawRecord, ScanResult, StateBatch, StateTree};
 
 /// Default bound on sled's page cache: sled's own default is 1 GiB, far too
 /// much for a node that may run next to four others on a laptop.
@@ -82,7 +83,10 @@ impl NodeStore {
     }
 
     /// The Raft log store of `group`.
-    pub fn log_store<C: openraft::RaftTypeConfig>(&self, group: u64) -> Result<LogStore<C>, StoreError> {
+    pub fn log_store<C: openraft::RaftTypeConfig>(
+        &self,
+        group: u64,
+    ) -> Result<LogStore<C>, StoreError> {
         LogStore::open(&self.db, group, self.flusher.clone())
     }
 

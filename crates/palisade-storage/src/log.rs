@@ -13,7 +13,10 @@ use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
+use openraft::{
+    Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError,
+    StorageIOError, Vote,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -72,7 +75,10 @@ impl<C: RaftTypeConfig> LogStore<C> {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        self.flusher.sync().await.map_err(|e| StoreError::Flush(e.to_string()))
+        self.flusher
+            .sync()
+            .await
+            .map_err(|e| StoreError::Flush(e.to_string()))
     }
 
     fn last_entry_log_id(&self) -> Result<Option<LogId<C::NodeId>>, StoreError>
@@ -134,7 +140,10 @@ where
             let entry: C::Entry = decode(&v).map_err(read_err)?;
             if decode_log_key(&k) != Some(entry.log_id.index) {
                 return Err(read_err(StoreError::Corrupt {
-                    what: format!("group {}: log key does not match entry {}", self.group, entry.log_id),
+                    what: format!(
+                        "group {}: log key does not match entry {}",
+                        self.group, entry.log_id
+                    ),
                 }));
             }
             out.push(entry);
@@ -175,19 +184,32 @@ where
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, StorageError<C::NodeId>> {
-        self.read_raft(VOTE).map_err(|e| StorageIOError::read_vote(&e).into())
+        self.read_raft(VOTE)
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<C::NodeId>>,
+    ) -> Result<(), StorageError<C::NodeId>> {
         self.write_raft(COMMITTED, &committed).map_err(io_err)?;
         self.sync().await.map_err(io_err)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
-        Ok(self.read_raft::<Option<LogId<C::NodeId>>>(COMMITTED).map_err(read_err)?.flatten())
+    async fn read_committed(
+        &mut self,
+    ) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
+        Ok(self
+            .read_raft::<Option<LogId<C::NodeId>>>(COMMITTED)
+            .map_err(read_err)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<C::NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<C>,
+    ) -> Result<(), StorageError<C::NodeId>>
     where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -198,7 +220,8 @@ where
             batch.insert(&log_key(entry.log_id.index), bytes);
         }
         self.log.apply_batch(batch).map_err(|e| io_err(e.into()))?;
-        self.flusher.submit(Box::new(move |res| callback.log_io_completed(res)));
+        self.flusher
+            .submit(Box::new(move |res| callback.log_io_completed(res)));
         Ok(())
     }
 
@@ -215,7 +238,8 @@ where
         // durable before the entries that could rebuild it disappear.
         self.sync().await.map_err(io_err)?;
         self.write_raft(PURGED, &log_id).map_err(io_err)?;
-        self.remove_range(..=log_key(log_id.index)).map_err(io_err)?;
+        self.remove_range(..=log_key(log_id.index))
+            .map_err(io_err)?;
         self.sync().await.map_err(io_err)
     }
 }

@@ -31,7 +31,7 @@ impl SnapshotStore {
     }
 
     /// The stored snapshot's meta and data, if any.
-    pub fn load(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn load(&self) -> Result<Option<crate::state::RawRecord>, StoreError> {
         let Some(meta) = self.tree.get(META)? else {
             return Ok(None);
         };

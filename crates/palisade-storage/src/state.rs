@@ -21,6 +21,12 @@ use crate::StoreError;
 use crate::error::{decode, encode};
 use crate::keys::{decode_user_key, dedup_key, meta_key, user_key, user_keys_end};
 
+/// A raw record of the state tree: encoded key and value.
+pub type RawRecord = (Vec<u8>, Vec<u8>);
+
+/// A user key with its record.
+pub type KeyEntry = (Vec<u8>, KeyRecord);
+
 /// The latest version of a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -68,13 +74,22 @@ impl StateTree {
     /// Reads the latest record of `key`, with the revision it was read at.
     pub fn get(&self, key: &[u8]) -> Result<(Option<KeyRecord>, u64), StoreError> {
         let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
-        let record = self.tree.get(user_key(key))?.map(|v| decode(&v)).transpose()?;
+        let record = self
+            .tree
+            .get(user_key(key))?
+            .map(|v| decode(&v))
+            .transpose()?;
         Ok((record, self.revision()))
     }
 
     /// Up to `limit` records with `start <= key < end` (`end = None`: no upper
     /// bound), in key order, read atomically at one revision.
-    pub fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<ScanResult, StoreError> {
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ScanResult, StoreError> {
         let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
         let (records, more) = self.scan_unlocked(start, end, limit)?;
         Ok(ScanResult {
@@ -89,7 +104,7 @@ impl StateTree {
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
-    ) -> Result<(Vec<(Vec<u8>, KeyRecord)>, bool), StoreError> {
+    ) -> Result<(Vec<KeyEntry>, bool), StoreError> {
         let lo = user_key(start);
         let hi = end.map(user_key).unwrap_or_else(user_keys_end);
         let mut out = Vec::new();
@@ -108,7 +123,10 @@ impl StateTree {
 
     /// Reads a metadata value.
     pub fn meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
-        self.tree.get(meta_key(name))?.map(|v| decode(&v)).transpose()
+        self.tree
+            .get(meta_key(name))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Starts a batch of writes.
@@ -123,15 +141,22 @@ impl StateTree {
     /// A consistent copy of every record, for a snapshot. Must not run
     /// concurrently with a batch commit (the state machine calls it between
     /// applies).
-    pub fn export(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn export(&self) -> Result<Vec<RawRecord>, StoreError> {
         self.tree
             .iter()
-            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(StoreError::from)
+            })
             .collect()
     }
 
     /// Replaces the whole state with `records` (from a snapshot), atomically.
-    pub fn import(&self, records: Vec<(Vec<u8>, Vec<u8>)>, revision: u64) -> Result<(), StoreError> {
+    pub fn import(
+        &self,
+        records: Vec<(Vec<u8>, Vec<u8>)>,
+        revision: u64,
+    ) -> Result<(), StoreError> {
         let _guard = self.commit_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut batch = sled::Batch::default();
         for item in self.tree.iter() {
@@ -169,7 +194,7 @@ pub struct StateBatch<'a> {
 /// Records read by [`StateTree::scan`].
 #[derive(Debug)]
 pub struct ScanResult {
-    pub records: Vec<(Vec<u8>, KeyRecord)>,
+    pub records: Vec<KeyEntry>,
     /// More records exist in the range past the limit.
     pub more: bool,
     /// The revision the records were read at.
@@ -186,11 +211,18 @@ impl StateBatch<'_> {
 
     /// Reads `key` as this batch would leave it.
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyRecord>, StoreError> {
-        self.raw_get(&user_key(key))?.map(|v| decode(&v)).transpose()
+        self.raw_get(&user_key(key))?
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Sets `key` to `value` at `revision`; returns the previous record.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, revision: u64) -> Result<Option<KeyRecord>, StoreError> {
+    pub fn put(
+        &mut self,
+        key: &[u8],
+        value: Vec<u8>,
+        revision: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let prev = self.get(key)?;
         let record = match &prev {
             Some(p) => KeyRecord {
@@ -226,7 +258,8 @@ impl StateBatch<'_> {
 
     /// Retains the result of write `(client_id, seq)`.
     pub fn dedup_put(&mut self, client_id: u64, seq: u64, result: Vec<u8>) {
-        self.overlay.insert(dedup_key(client_id, seq).to_vec(), Some(result));
+        self.overlay
+            .insert(dedup_key(client_id, seq).to_vec(), Some(result));
     }
 
     /// Forgets the results of `client_id`'s writes below `seq`: the client
@@ -262,7 +295,11 @@ impl StateBatch<'_> {
 
     /// Applies every staged write atomically.
     pub fn commit(self) -> Result<(), StoreError> {
-        let _guard = self.state.commit_lock.write().unwrap_or_else(|p| p.into_inner());
+        let _guard = self
+            .state
+            .commit_lock
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         let mut batch = sled::Batch::default();
         for (k, v) in self.overlay {
             match v {
@@ -306,7 +343,11 @@ mod tests {
         b.put(b"k", b"c".to_vec(), 9).unwrap();
         b.commit().unwrap();
         let r = t.get(b"k").unwrap().0.unwrap();
-        assert_eq!((r.create_revision, r.mod_revision, r.version), (9, 9, 1), "recreated after delete");
+        assert_eq!(
+            (r.create_revision, r.mod_revision, r.version),
+            (9, 9, 1),
+            "recreated after delete"
+        );
     }
 
     #[test]
@@ -328,9 +369,20 @@ mod tests {
         b.set_meta("applied", &7u64).unwrap();
         b.dedup_put(1, 1, vec![1]);
         b.commit().unwrap();
-        let keys = |r: ScanResult| (r.records.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), r.more);
+        let keys = |r: ScanResult| {
+            (
+                r.records.into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                r.more,
+            )
+        };
         let all = keys(t.scan(b"", None, 10).unwrap());
-        assert_eq!(all, (vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"d".to_vec()], false));
+        assert_eq!(
+            all,
+            (
+                vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"d".to_vec()],
+                false
+            )
+        );
         let some = keys(t.scan(b"b", Some(b"d"), 10).unwrap());
         assert_eq!(some, (vec![b"b".to_vec(), b"c".to_vec()], false));
         let lim = keys(t.scan(b"", None, 2).unwrap());
@@ -354,7 +406,11 @@ mod tests {
         let b = t.batch();
         assert_eq!(b.dedup_get(7, 2).unwrap(), None);
         assert_eq!(b.dedup_get(7, 3).unwrap(), Some(vec![3]));
-        assert_eq!(b.dedup_get(8, 1).unwrap(), Some(vec![9]), "other clients untouched");
+        assert_eq!(
+            b.dedup_get(8, 1).unwrap(),
+            Some(vec![9]),
+            "other clients untouched"
+        );
     }
 
     #[test]

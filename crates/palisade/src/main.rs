@@ -1,1 +1,70 @@
-fn main(){}
+//! `palisade`: run a node, a whole local demo cluster, or talk to a cluster.
+//!
+//! The binary is thin: argument parsing and output formatting live here; the
+//! node is `palisade-server` and the client is `palisade-client`.
+
+mod client_cmd;
+mod demo;
+mod start;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// palisade: a Raft-replicated key-value database.
+#[derive(Parser)]
+#[command(name = "palisade", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node.
+    Start(start::StartArgs),
+    /// Run a whole local cluster on loopback until Ctrl-C.
+    Demo(demo::DemoArgs),
+    /// Read a key (linearizable).
+    Get(client_cmd::GetArgs),
+    /// Set a key.
+    Put(client_cmd::PutArgs),
+    /// Delete a key.
+    Del(client_cmd::DelArgs),
+    /// List keys in a range or with a prefix, across all groups.
+    Scan(client_cmd::ScanArgs),
+    /// Transactions (compare-and-swap).
+    Txn(client_cmd::TxnArgs),
+    /// Cluster-wide commands.
+    Cluster(client_cmd::ClusterArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Start(args) => start::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Get(args) => client_cmd::get(args).await,
+            Command::Put(args) => client_cmd::put(args).await,
+            Command::Del(args) => client_cmd::del(args).await,
+            Command::Scan(args) => client_cmd::scan(args).await,
+            Command::Txn(args) => client_cmd::txn(args).await,
+            Command::Cluster(args) => client_cmd::cluster(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Node configuration: one struct, validated once at start-up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::ServerError;
+
+/// Default maximum key size (bytes).
+pub const DEFAULT_MAX_KEY_BYTES: usize = 4 * 1024;
+/// Default maximum value size (bytes).
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Default maximum request size (bytes).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Default number of data groups created at bootstrap.
+pub const DEFAULT_DATA_GROUPS: u64 = 4;
+/// Default number of keys a scan returns when the request sets no limit.
+pub const DEFAULT_SCAN_LIMIT: usize = 1000;
+/// Upper bound on a scan's limit, so one request cannot pin a node.
+pub const MAX_SCAN_LIMIT: usize = 100_000;
+
+/// Raft timings. Short enough that a killed leader is replaced within about a
+/// second; long enough that a loaded two-core machine does not flap.
+#[derive(Debug, Clone)]
+pub struct RaftTimings {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// Request size limits; over a limit → `INVALID_ARGUMENT`, nothing written.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id; must be a key of `peers`.
+    pub id: u64,
+    /// Address to bind. The address peers and clients use is `peers[id]`.
+    pub listen: SocketAddr,
+    /// Every voter of the initial cluster: id → advertised `host:port`.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    /// Data groups to create at bootstrap (ignored once the node has data:
+    /// the count recorded at bootstrap wins).
+    pub data_groups: u64,
+    pub limits: Limits,
+    pub timings: RaftTimings,
+    /// Build a snapshot after this many applied entries.
+    pub snapshot_every: u64,
+    /// Log entries to keep behind a snapshot for slow followers.
+    pub keep_logs: u64,
+    /// How long a write may wait for commit before its outcome is unknown.
+    pub write_timeout: Duration,
+    /// How long a read may wait for the leader to confirm its leadership.
+    pub read_timeout: Duration,
+    /// Deadline of a forwarded request or a status probe to another node.
+    pub peer_timeout: Duration,
+    /// sled page cache bound.
+    pub cache_bytes: u64,
+}
+
+impl NodeConfig {
+    /// A config with defaults for everything but identity and membership.
+    pub fn new(
+        id: u64,
+        listen: SocketAddr,
+        peers: BTreeMap<u64, String>,
+        data_dir: PathBuf,
+    ) -> Self {
+        Self {
+            id,
+            listen,
+            peers,
+            data_dir,
+            data_groups: DEFAULT_DATA_GROUPS,
+            limits: Limits::default(),
+            timings: RaftTimings::default(),
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            peer_timeout: Duration::from_secs(5),
+            cache_bytes: palisade_storage::DEFAULT_CACHE_BYTES,
+        }
+    }
+
+    /// Checks the config; the error names the offending setting.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: String| Err(ServerError::Config(m));
+        if self.id == 0 {
+            return bad("--id must be at least 1 (0 means \"no node\" in leader hints)".into());
+        }
+        if !self.peers.contains_key(&self.id) {
+            return bad(format!(
+                "--peers must include this node's own id {}",
+                self.id
+            ));
+        }
+        if self.data_groups == 0 || self.data_groups > 256 {
+            return bad(format!(
+                "--groups must be between 1 and 256, got {}",
+                self.data_groups
+            ));
+        }
+        if self.timings.election_min <= self.timings.heartbeat * 2
+            || self.timings.election_max <= self.timings.election_min
+        {
+            return bad("election timeouts must exceed twice the heartbeat, min < max".into());
+        }
+        if self.snapshot_every == 0 {
+            return bad("--snapshot-every must be at least 1".into());
+        }
+        if self.limits.max_key_bytes == 0 || self.limits.max_value_bytes == 0 {
+            return bad("key and value limits must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// This node's advertised address.
+    pub fn advertise_addr(&self) -> &str {
+        self.peers
+            .get(&self.id)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn raft_config(&self) -> Result<openraft::Config, ServerError> {
+        let config = openraft::Config {
+            cluster_name: "palisade".into(),
+            heartbeat_interval: self.timings.heartbeat.as_millis() as u64,
+            election_timeout_min: self.timings.election_min.as_millis() as u64,
+            election_timeout_max: self.timings.election_max.as_millis() as u64,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_logs,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| ServerError::Config(e.to_string()))
+    }
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("peer '{part}' is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("peer id '{id}' is not a number"))?;
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(format!("peer address '{addr}' is not HOST:PORT"));
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            return Err(format!("peer id {id} appears twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_peer_lists() {
+        let p = parse_peers("1=127.0.0.1:7001, 2=localhost:7002").unwrap();
+        assert_eq!(p[&1], "127.0.0.1:7001");
+        assert_eq!(p[&2], "localhost:7002");
+        assert!(parse_peers("1=a:1,1=b:2").unwrap_err().contains("twice"));
+        assert!(parse_peers("x=a:1").unwrap_err().contains("not a number"));
+        assert!(parse_peers("1=a").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_peers("").is_err());
+    }
+
+    #[test]
+    fn validate_names_the_bad_setting() {
+        let peers = parse_peers("1=127.0.0.1:7001").unwrap();
+        let mut c = NodeConfig::new(1, "127.0.0.1:7001".parse().unwrap(), peers, "/tmp/x".into());
+        assert!(c.validate().is_ok());
+        c.id = 2;
+        assert!(c.validate().unwrap_err().to_string().contains("own id 2"));
+        c.id = 1;
+        c.data_groups = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("--groups"));
+    }
+}

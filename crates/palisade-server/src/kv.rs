@@ -1,0 +1,455 @@
+//! The Kv service: validates requests, routes them to the owning group, and
+//! runs them there when this node leads it, or forwards them (one hop) to the
+//! leader it knows of.
+//!
+//! A forwarded request carries the `x-palisade-forwarded` header; a node that
+//! receives one and does not lead the group answers `UNAVAILABLE` with its
+//! leader hint instead of forwarding again, so requests never loop.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use palisade_group::{Command, CommandResult, GroupError, OpResult, RaftGroup, RequestId, Txn};
+use palisade_proto::v1 as pb;
+use palisade_proto::v1::kv_client::KvClient;
+use palisade_proto::v1::kv_server::Kv;
+use palisade_storage::KeyRecord;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use crate::error::{ServerError, error_detail, not_leader_status, unknown_outcome_status};
+use crate::node::Node;
+use crate::validate;
+
+/// Metadata header marking a request forwarded by another node.
+pub const FORWARDED: &str = "x-palisade-forwarded";
+
+pub struct KvService {
+    node: Arc<Node>,
+}
+
+/// Whether a forwarded request was a write (its failure in transit leaves the
+/// outcome unknown) or a read (safe to report as unavailable).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+}
+
+fn kv(key: Vec<u8>, r: KeyRecord, keys_only: bool) -> pb::KeyValue {
+    pb::KeyValue {
+        key,
+        value: if keys_only { Vec::new() } else { r.value },
+        create_revision: r.create_revision,
+        mod_revision: r.mod_revision,
+        version: r.version,
+    }
+}
+
+fn is_forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED)
+}
+
+impl KvService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn header(&self, group: &RaftGroup, revision: u64) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            node_id: self.node.id(),
+            group_id: group.id(),
+            revision,
+            term: group.raft().metrics().borrow().current_term,
+        }
+    }
+
+    async fn write(
+        &self,
+        group: &RaftGroup,
+        request_id: Option<RequestId>,
+        txn: Txn,
+    ) -> Result<CommandResult, GroupError> {
+        group
+            .write(Command { request_id, txn }, self.node.config.write_timeout)
+            .await
+    }
+
+    /// Sends `req` to the leader named in `err`, or turns `err` into a status.
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        group: &RaftGroup,
+        err: GroupError,
+        forwarded: bool,
+        kind: Kind,
+        req: Req,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let leader = match &err {
+            GroupError::NotLeader {
+                leader: Some((id, Some(addr))),
+                ..
+            } if *id != self.node.id() && !forwarded => (*id, addr.clone()),
+            _ => return Err(ServerError::Group(err).into()),
+        };
+        let channel = self
+            .node
+            .channels
+            .get(leader.0, &leader.1)
+            .map_err(|e| Status::internal(format!("bad leader address {}: {e}", leader.1)))?;
+        let mut request = Request::new(req);
+        request
+            .metadata_mut()
+            .insert(FORWARDED, "1".parse().expect("static header"));
+        request.set_timeout(self.node.peer_timeout());
+        let client = KvClient::new(channel).max_decoding_message_size(usize::MAX);
+        match tokio::time::timeout(self.node.peer_timeout(), call(client, request)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            // An answer from the leader (including its own routing errors)
+            // goes back as is.
+            Ok(Err(status))
+                if error_detail(&status).is_some()
+                    || !matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::Unknown
+                            | Code::Cancelled
+                            | Code::DeadlineExceeded
+                    ) =>
+            {
+                Err(status)
+            }
+            failed => {
+                self.node.channels.drop_channel(leader.0);
+                let why = match failed {
+                    Ok(Err(status)) => status.message().to_string(),
+                    _ => "no reply in time".into(),
+                };
+                let msg = format!(
+                    "forwarding to leader {} of group {} failed: {why}",
+                    leader.0,
+                    group.id()
+                );
+                Err(match kind {
+                    Kind::Write => unknown_outcome_status(group.id(), msg),
+                    Kind::Read => {
+                        not_leader_status(group.id(), Some((leader.0, Some(leader.1))), msg)
+                    }
+                })
+            }
+        }
+    }
+
+    /// Scans one data group: locally if this node leads it, else at its leader.
+    async fn scan_group(
+        &self,
+        group: &RaftGroup,
+        range: &validate::ScanRange,
+        req: &pb::ScanRequest,
+        forwarded: bool,
+    ) -> Result<pb::ScanResponse, Status> {
+        match group.read_index(self.node.config.read_timeout).await {
+            Ok(()) => {
+                let res = group
+                    .state()
+                    .scan(&range.start, range.end.as_deref(), range.limit)
+                    .map_err(ServerError::from)?;
+                let header = self.header(group, res.revision);
+                Ok(pb::ScanResponse {
+                    header: Some(header),
+                    kvs: res
+                        .records
+                        .into_iter()
+                        .map(|(k, r)| kv(k, r, req.keys_only))
+                        .collect(),
+                    more: res.more,
+                    group_headers: vec![header],
+                })
+            }
+            Err(e) => {
+                let sub = pb::ScanRequest {
+                    group_id: group.id(),
+                    ..req.clone()
+                };
+                let resp = self
+                    .forward(
+                        group,
+                        e,
+                        forwarded,
+                        Kind::Read,
+                        sub,
+                        |mut c, r| async move { c.scan(r).await },
+                    )
+                    .await?;
+                Ok(resp.into_inner())
+            }
+        }
+    }
+}
+
+fn prev_kv(key: &[u8], want: bool, prev: Option<KeyRecord>) -> Option<pb::KeyValue> {
+    if want {
+        prev.map(|r| kv(key.to_vec(), r, false))
+    } else {
+        None
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    #[tracing::instrument(skip_all)]
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let txn = validate::put_txn(&self.node.config.limits, &req)?;
+        let rid = validate::request_id(req.request_id.as_ref())?;
+        let group = self.node.group_for_key(&req.key)?;
+        match self.write(group, rid, txn).await {
+            Ok(res) => {
+                let prev = match res.results.into_iter().next() {
+                    Some(OpResult::Put { prev }) => prev,
+                    _ => None,
+                };
+                Ok(Response::new(pb::PutResponse {
+                    header: Some(self.header(group, res.revision)),
+                    prev_kv: prev_kv(&req.key, req.prev_kv, prev),
+                }))
+            }
+            Err(e) => {
+                self.forward(
+                    group,
+                    e,
+                    forwarded,
+                    Kind::Write,
+                    req,
+                    |mut c, r| async move { c.put(r).await },
+                )
+                .await
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        validate::check_key(&self.node.config.limits, &req.key)?;
+        let group = self.node.group_for_key(&req.key)?;
+        match group.read_index(self.node.config.read_timeout).await {
+            Ok(()) => {
+                let (record, revision) = group.state().get(&req.key).map_err(ServerError::from)?;
+                Ok(Response::new(pb::GetResponse {
+                    header: Some(self.header(group, revision)),
+                    kv: record.map(|r| kv(req.key, r, false)),
+                }))
+            }
+            Err(e) => {
+                self.forward(
+                    group,
+                    e,
+                    forwarded,
+                    Kind::Read,
+                    req,
+                    |mut c, r| async move { c.get(r).await },
+                )
+                .await
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let txn = validate::delete_txn(&self.node.config.limits, &req)?;
+        let rid = validate::request_id(req.request_id.as_ref())?;
+        let group = self.node.group_for_key(&req.key)?;
+        match self.write(group, rid, txn).await {
+            Ok(res) => {
+                let prev = match res.results.into_iter().next() {
+                    Some(OpResult::Delete { prev }) => prev,
+                    _ => None,
+                };
+                Ok(Response::new(pb::DeleteResponse {
+                    header: Some(self.header(group, res.revision)),
+                    deleted: u64::from(prev.is_some()),
+                    prev_kv: prev_kv(&req.key, req.prev_kv, prev),
+                }))
+            }
+            Err(e) => {
+                self.forward(
+                    group,
+                    e,
+                    forwarded,
+                    Kind::Write,
+                    req,
+                    |mut c, r| async move { c.delete(r).await },
+                )
+                .await
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let range = validate::scan_range(&self.node.config.limits, &req)?;
+        let groups: Vec<&Arc<RaftGroup>> = if req.group_id != 0 {
+            if req.group_id == palisade_shard::META_GROUP
+                || !self.node.shard_map().has_group(req.group_id)
+            {
+                return Err(ServerError::UnknownGroup(req.group_id).into());
+            }
+            vec![self.node.group(req.group_id)?]
+        } else {
+            self.node
+                .shard_map()
+                .groups()
+                .map(|g| self.node.group(g))
+                .collect::<Result<_, _>>()?
+        };
+        let parts = futures::future::try_join_all(
+            groups
+                .iter()
+                .map(|g| self.scan_group(g, &range, &req, forwarded)),
+        )
+        .await?;
+        let mut kvs = Vec::new();
+        let mut more = false;
+        let mut group_headers = Vec::new();
+        for part in parts {
+            more |= part.more;
+            kvs.extend(part.kvs);
+            group_headers.extend(part.group_headers);
+        }
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        if kvs.len() > range.limit {
+            kvs.truncate(range.limit);
+            more = true;
+        }
+        let header = pb::ResponseHeader {
+            node_id: self.node.id(),
+            group_id: if groups.len() == 1 { groups[0].id() } else { 0 },
+            revision: if groups.len() == 1 {
+                group_headers.first().map_or(0, |h| h.revision)
+            } else {
+                0
+            },
+            term: 0,
+        };
+        Ok(Response::new(pb::ScanResponse {
+            header: Some(header),
+            kvs,
+            more,
+            group_headers,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::TxnResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let txn = validate::txn(&self.node.config.limits, &req)?;
+        let rid = validate::request_id(req.request_id.as_ref())?;
+        let group = self.node.group(txn_group(self.node.shard_map(), &txn)?)?;
+        let res = match self.write(group, rid, txn).await {
+            Ok(res) => res,
+            Err(e) => {
+                return self
+                    .forward(
+                        group,
+                        e,
+                        forwarded,
+                        Kind::Write,
+                        req,
+                        |mut c, r| async move { c.txn(r).await },
+                    )
+                    .await;
+            }
+        };
+        let header = self.header(group, res.revision);
+        let branch = if res.succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let responses = branch
+            .iter()
+            .zip(res.results)
+            .map(|(op, result)| op_response(op, result, header))
+            .collect();
+        Ok(Response::new(pb::TxnResponse {
+            header: Some(header),
+            succeeded: res.succeeded,
+            responses,
+        }))
+    }
+}
+
+/// The one group that owns every key of `txn`.
+fn txn_group(shard: palisade_shard::ShardMap, txn: &Txn) -> Result<u64, ServerError> {
+    let mut keys = txn.keys();
+    let first = keys
+        .next()
+        .ok_or_else(|| ServerError::InvalidArgument("transaction has no keys".into()))?;
+    let group = shard.group_for_key(first);
+    match keys.find(|k| shard.group_for_key(k) != group) {
+        None => Ok(group),
+        Some(other) => Err(ServerError::InvalidArgument(format!(
+            "all keys of a transaction must belong to one group: {:?} is in group {} but {:?} is in group {}",
+            String::from_utf8_lossy(first),
+            group,
+            String::from_utf8_lossy(other),
+            shard.group_for_key(other)
+        ))),
+    }
+}
+
+fn op_response(op: &pb::RequestOp, result: OpResult, header: pb::ResponseHeader) -> pb::ResponseOp {
+    use pb::request_op::Request as Rq;
+    use pb::response_op::Response as Rs;
+    let response = match (&op.request, result) {
+        (Some(Rq::Put(p)), OpResult::Put { prev }) => Rs::Put(pb::PutResponse {
+            header: Some(header),
+            prev_kv: prev_kv(&p.key, p.prev_kv, prev),
+        }),
+        (Some(Rq::Delete(d)), OpResult::Delete { prev }) => Rs::Delete(pb::DeleteResponse {
+            header: Some(header),
+            deleted: u64::from(prev.is_some()),
+            prev_kv: prev_kv(&d.key, d.prev_kv, prev),
+        }),
+        (Some(Rq::Get(g)), OpResult::Get { record }) => Rs::Get(pb::GetResponse {
+            header: Some(header),
+            kv: record.map(|r| kv(g.key.clone(), r, false)),
+        }),
+        // The state machine answers op for op; a mismatch is a bug, but the
+        // client still deserves a well-formed (empty) answer for that slot.
+        _ => Rs::Get(pb::GetResponse {
+            header: Some(header),
+            kv: None,
+        }),
+    };
+    pb::ResponseOp {
+        response: Some(response),
+    }
+}

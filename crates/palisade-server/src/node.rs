@@ -1,0 +1,220 @@
+//! A palisade node: the sled store, every Raft group it hosts, and the gRPC
+//! server that fronts them.
+//!
+//! Lifecycle: [`Node::open`] opens storage and starts every group (group 0,
+//! the meta group, and data groups `1..=N`); on a fresh data directory it
+//! initializes each group with the configured peers as voters (every node
+//! does this with the same membership, which openraft accepts; on restart it
+//! is a no-op). [`Node::serve`] runs the Kv, Admin and Peer services on one
+//! listener until the shutdown future resolves; [`Node::shutdown`] stops the
+//! groups and flushes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use palisade_group::{GroupId, NodeId, PeerChannels, RaftGroup, ReplicaState};
+use palisade_proto::v1 as pb;
+use palisade_proto::v1::admin_server::AdminServer;
+use palisade_proto::v1::kv_server::KvServer;
+use palisade_proto::v1::peer_server::PeerServer;
+use palisade_shard::ShardMap;
+use palisade_storage::NodeStore;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::NodeConfig;
+use crate::error::ServerError;
+use crate::{admin, kv, peer};
+
+/// Node-level fact: number of data groups fixed at bootstrap.
+const DATA_GROUPS_FACT: &str = "data_groups";
+
+/// Largest peer message (an append batch or a snapshot chunk).
+const MAX_PEER_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+pub struct Node {
+    pub(crate) config: NodeConfig,
+    store: NodeStore,
+    groups: BTreeMap<GroupId, Arc<RaftGroup>>,
+    shard: ShardMap,
+    pub(crate) channels: PeerChannels,
+}
+
+impl Node {
+    /// Opens storage and starts every group.
+    pub async fn open(config: NodeConfig) -> Result<Arc<Node>, ServerError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = NodeStore::open(&config.data_dir.join("db"), config.cache_bytes)?;
+        let data_groups = match store.node_fact(DATA_GROUPS_FACT)? {
+            Some(n) => {
+                if n != config.data_groups {
+                    tracing::warn!(
+                        recorded = n,
+                        requested = config.data_groups,
+                        "data group count is fixed at bootstrap; using the recorded count"
+                    );
+                }
+                n
+            }
+            None => {
+                store.set_node_fact(DATA_GROUPS_FACT, config.data_groups)?;
+                config.data_groups
+            }
+        };
+        let shard = ShardMap::new(data_groups).ok_or_else(|| {
+            ServerError::Config(format!(
+                "recorded data group count {data_groups} is invalid"
+            ))
+        })?;
+        let raft_config = Arc::new(config.raft_config()?);
+        let channels = PeerChannels::default();
+        let members: BTreeMap<NodeId, BasicNode> = config
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+            .collect();
+        let mut groups = BTreeMap::new();
+        for id in std::iter::once(palisade_shard::META_GROUP).chain(shard.groups()) {
+            let group =
+                RaftGroup::open(config.id, id, &store, raft_config.clone(), channels.clone())
+                    .await?;
+            group.initialize(members.clone()).await?;
+            groups.insert(id, Arc::new(group));
+        }
+        tracing::info!(
+            node = config.id,
+            groups = groups.len(),
+            addr = config.advertise_addr(),
+            "node open"
+        );
+        Ok(Arc::new(Node {
+            config,
+            store,
+            groups,
+            shard,
+            channels,
+        }))
+    }
+
+    /// Serves the Kv, Admin and Peer services on `listener` until `shutdown`.
+    pub async fn serve(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let max_request = self.config.limits.max_request_bytes + 64 * 1024;
+        let kv =
+            KvServer::new(kv::KvService::new(self.clone())).max_decoding_message_size(max_request);
+        let admin = AdminServer::new(admin::AdminService::new(self.clone()));
+        let peer = PeerServer::new(peer::PeerService::new(self.clone()))
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(kv)
+            .add_service(admin)
+            .add_service(peer)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+
+    /// Stops every group and flushes storage.
+    pub async fn shutdown(&self) {
+        for group in self.groups.values() {
+            group.shutdown().await;
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn shard_map(&self) -> ShardMap {
+        self.shard
+    }
+
+    /// A group hosted here, or `NOT_FOUND`.
+    pub fn group(&self, id: GroupId) -> Result<&Arc<RaftGroup>, ServerError> {
+        self.groups.get(&id).ok_or(ServerError::UnknownGroup(id))
+    }
+
+    /// The data group that owns `key`.
+    pub fn group_for_key(&self, key: &[u8]) -> Result<&Arc<RaftGroup>, ServerError> {
+        self.group(self.shard.group_for_key(key))
+    }
+
+    /// Every group hosted here, by id.
+    pub fn groups(&self) -> &BTreeMap<GroupId, Arc<RaftGroup>> {
+        &self.groups
+    }
+
+    /// Every node of the cluster as the meta group knows it (falling back to
+    /// the configured peers before the meta group has a membership).
+    pub fn cluster_nodes(&self) -> BTreeMap<NodeId, String> {
+        let from_meta = self
+            .groups
+            .get(&palisade_shard::META_GROUP)
+            .map(|g| g.member_addrs())
+            .unwrap_or_default();
+        if from_meta.is_empty() {
+            self.config.peers.clone()
+        } else {
+            from_meta
+        }
+    }
+
+    /// This node's view of each of its groups.
+    pub async fn local_status(&self) -> pb::NodeStatusResponse {
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for group in self.groups.values() {
+            let st = group.replica_state().await;
+            groups.push(pb::LocalGroupStatus {
+                group_id: st.group,
+                leader_id: st.leader.unwrap_or(0),
+                replica: Some(replica_status(&st)),
+            });
+        }
+        pb::NodeStatusResponse {
+            node_id: self.config.id,
+            groups,
+        }
+    }
+
+    /// Deadline for calls to other nodes.
+    pub fn peer_timeout(&self) -> Duration {
+        self.config.peer_timeout
+    }
+
+    /// Flush counters of this node's group-commit flusher.
+    pub fn flush_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        let s = self.store.flusher().stats();
+        (
+            s.flushes.load(Ordering::Relaxed),
+            s.completions.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
+    pb::ReplicaStatus {
+        node_id: st.node,
+        role: st.role.to_string(),
+        term: st.term,
+        last_log_index: st.last_log_index,
+        commit_index: st.commit_index,
+        applied_index: st.applied_index,
+        snapshot_index: st.snapshot_index,
+        purged_index: st.purged_index,
+        snapshots_installed: st.snapshots_installed,
+        voters: st.voters.clone(),
+    }
+}

@@ -1,0 +1,349 @@
+//! Client subcommands: get, put, del, scan, txn, cluster status.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use palisade_client::{Client, proto as pb};
+
+/// Where the cluster is. The default covers a local `palisade demo` of up
+/// to five nodes, so it keeps working when some of them are down.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Comma-separated HOST:PORT of some nodes.
+    #[arg(
+        long,
+        env = "PALISADE_ENDPOINTS",
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<String>,
+}
+
+impl Conn {
+    async fn client(&self) -> anyhow::Result<Client> {
+        Client::connect(self.endpoints.clone())
+            .await
+            .with_context(|| format!("cannot reach the cluster at {}", self.endpoints.join(",")))
+    }
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    pub key: String,
+    /// Print the key's metadata and the consistency receipt as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
+pub struct PutArgs {
+    pub key: String,
+    pub value: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
+pub struct DelArgs {
+    pub key: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
+pub struct ScanArgs {
+    /// Keys starting with this prefix.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub prefix: Option<String>,
+    /// First key of the range (inclusive).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the range (exclusive).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Maximum number of keys (0: server default of 1000).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+    /// Print keys only.
+    #[arg(long)]
+    pub keys_only: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args)]
+pub struct TxnArgs {
+    #[command(subcommand)]
+    pub op: TxnOp,
+}
+
+#[derive(Subcommand)]
+pub enum TxnOp {
+    /// Set KEY to NEW if its value is --expect (or it is absent, with
+    /// --absent). Exits 0 when swapped, 1 when the comparison failed.
+    Cas {
+        key: String,
+        new: String,
+        /// The value KEY must currently hold.
+        #[arg(long, required_unless_present = "absent", conflicts_with = "absent")]
+        expect: Option<String>,
+        /// Swap only if KEY does not exist.
+        #[arg(long)]
+        absent: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub op: ClusterOp,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterOp {
+    /// Show every group's leader, term and indexes on every node.
+    Status {
+        /// Print the raw status as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn receipt(h: Option<&pb::ResponseHeader>) -> String {
+    match h {
+        Some(h) => format!(
+            "revision={} group={} node={} term={}",
+            h.revision, h.group_id, h.node_id, h.term
+        ),
+        None => String::new(),
+    }
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client().await?;
+    let resp = client.get(args.key.clone()).await?;
+    let header = resp.header.unwrap_or_default();
+    if args.json {
+        let kv = resp.kv.as_ref().map(|kv| {
+            serde_json::json!({
+                "key": text(&kv.key),
+                "value": text(&kv.value),
+                "create_revision": kv.create_revision,
+                "mod_revision": kv.mod_revision,
+                "version": kv.version,
+            })
+        });
+        let out = serde_json::json!({
+            "kv": kv,
+            "header": {
+                "node_id": header.node_id,
+                "group_id": header.group_id,
+                "revision": header.revision,
+                "term": header.term,
+            },
+        });
+        println!("{out}");
+        return Ok(if resp.kv.is_some() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    match resp.kv {
+        Some(kv) => {
+            println!("{}", text(&kv.value));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("key {:?} not found ({})", args.key, receipt(Some(&header)));
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client().await?;
+    let resp = client.put(args.key, args.value).await?;
+    println!("OK {}", receipt(resp.header.as_ref()));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn del(args: DelArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client().await?;
+    let resp = client.delete(args.key).await?;
+    println!("deleted {} {}", resp.deleted, receipt(resp.header.as_ref()));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn scan(args: ScanArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client().await?;
+    let req = match args.prefix {
+        Some(p) => pb::ScanRequest {
+            key: p.into_bytes(),
+            prefix: true,
+            ..Default::default()
+        },
+        None => pb::ScanRequest {
+            key: args.from.unwrap_or_default().into_bytes(),
+            range_end: args.to.unwrap_or_default().into_bytes(),
+            ..Default::default()
+        },
+    };
+    let resp = client
+        .scan(pb::ScanRequest {
+            limit: args.limit,
+            keys_only: args.keys_only,
+            ..req
+        })
+        .await?;
+    for kv in &resp.kvs {
+        if args.keys_only {
+            println!("{}", text(&kv.key));
+        } else {
+            println!("{}\t{}", text(&kv.key), text(&kv.value));
+        }
+    }
+    if resp.more {
+        eprintln!("(more keys past the limit)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn txn(args: TxnArgs) -> anyhow::Result<ExitCode> {
+    match args.op {
+        TxnOp::Cas {
+            key,
+            new,
+            expect,
+            absent,
+            conn,
+        } => {
+            let client = conn.client().await?;
+            let expected = if absent {
+                None
+            } else {
+                expect.map(String::into_bytes)
+            };
+            let (swapped, resp) = client.compare_and_swap(key, expected, new).await?;
+            if swapped {
+                println!("SWAPPED {}", receipt(resp.header.as_ref()));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let current = resp.responses.first().and_then(|r| match &r.response {
+                Some(pb::response_op::Response::Get(g)) => g.kv.as_ref().map(|kv| text(&kv.value)),
+                _ => None,
+            });
+            match current {
+                Some(v) => println!(
+                    "NOT SWAPPED: current value is {v:?} {}",
+                    receipt(resp.header.as_ref())
+                ),
+                None => println!(
+                    "NOT SWAPPED: key does not exist {}",
+                    receipt(resp.header.as_ref())
+                ),
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+    match args.op {
+        ClusterOp::Status { json, conn } => {
+            let client = conn.client().await?;
+            let status = client.cluster_status().await?;
+            if json {
+                println!("{}", status_json(&status));
+            } else {
+                print!("{}", status_table(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "data_groups": s.data_groups,
+        "nodes": s.nodes.iter().map(|n| serde_json::json!({
+            "id": n.id, "addr": n.addr, "reachable": n.reachable, "error": n.error,
+        })).collect::<Vec<_>>(),
+        "groups": s.groups.iter().map(|g| serde_json::json!({
+            "group_id": g.group_id,
+            "leader_id": g.leader_id,
+            "term": g.term,
+            "replicas": g.replicas.iter().map(|r| serde_json::json!({
+                "node_id": r.node_id, "role": r.role, "term": r.term,
+                "last_log_index": r.last_log_index, "commit_index": r.commit_index,
+                "applied_index": r.applied_index, "snapshot_index": r.snapshot_index,
+                "purged_index": r.purged_index, "snapshots_installed": r.snapshots_installed,
+                "voters": r.voters,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The status as a fixed-width table.
+pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "NODE  ADDRESS                 STATE");
+    for n in &s.nodes {
+        let state = if n.reachable {
+            "up".to_string()
+        } else {
+            format!("DOWN ({})", n.error)
+        };
+        let _ = writeln!(out, "{:<5} {:<23} {}", n.id, n.addr, state);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "GROUP  LEADER  TERM  NODE  ROLE       LAST_LOG  COMMIT  APPLIED  SNAPSHOT"
+    );
+    for g in &s.groups {
+        let name = if g.group_id == 0 {
+            "0 meta".to_string()
+        } else {
+            g.group_id.to_string()
+        };
+        let leader = if g.leader_id == 0 {
+            "-".to_string()
+        } else {
+            g.leader_id.to_string()
+        };
+        for (i, r) in g.replicas.iter().enumerate() {
+            let (gname, lead, term) = if i == 0 {
+                (name.as_str(), leader.as_str(), g.term.to_string())
+            } else {
+                ("", "", String::new())
+            };
+            let _ = writeln!(
+                out,
+                "{:<6} {:<7} {:<5} {:<5} {:<10} {:<9} {:<7} {:<8} {}",
+                gname,
+                lead,
+                term,
+                r.node_id,
+                r.role,
+                r.last_log_index,
+                r.commit_index,
+                r.applied_index,
+                r.snapshot_index
+            );
+        }
+    }
+    out
+}
