@@ -1,1 +1,322 @@
-//! Integration tests live in `tests/`.
+//! Test harness: real `palisade` node processes on loopback.
+//!
+//! [`TestCluster`] starts node processes from the built `palisade` binary,
+//! kills (`SIGKILL`) and restarts them, and waits for leaders and catch-up
+//! through the public `ClusterStatus` API. Each cluster binds its own
+//! loopback address `127.A.B.n` (A, B derived from the test process id and
+//! a counter), so tests running in parallel, in one process or many, never
+//! collide on ports. Dropping the cluster kills every process and removes
+//! the data; when a test panics, the tail of every node's log is printed
+//! first so CI failures can be diagnosed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use palisade_client::{Client, proto as pb};
+
+/// Port every test node listens on (each node has its own IP).
+const PORT: u16 = 17_001;
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+/// Path of the `palisade` binary next to the test executable.
+pub fn palisade_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PALISADE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/palisade
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("palisade");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo test --workspace` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// Knobs for a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub nodes: u64,
+    pub groups: u64,
+    pub snapshot_every: Option<u64>,
+    pub keep_logs: Option<u64>,
+}
+
+impl ClusterOptions {
+    pub fn new(nodes: u64) -> Self {
+        Self {
+            nodes,
+            groups: 4,
+            snapshot_every: None,
+            keep_logs: None,
+        }
+    }
+}
+
+/// A cluster of real node processes.
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    ip_prefix: String,
+    opts: ClusterOptions,
+    procs: BTreeMap<u64, Child>,
+}
+
+impl TestCluster {
+    /// Starts every node and waits until each group has a leader.
+    pub async fn start(opts: ClusterOptions) -> TestCluster {
+        let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let h = (std::process::id().wrapping_mul(31).wrapping_add(n)) % 62_500;
+        let ip_prefix = format!("127.{}.{}", 1 + h / 250, h % 250);
+        let dir = tempfile::Builder::new()
+            .prefix("palisade-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut cluster = TestCluster {
+            dir,
+            ip_prefix,
+            opts,
+            procs: BTreeMap::new(),
+        };
+        for id in 1..=cluster.opts.nodes {
+            cluster.spawn(id);
+        }
+        let all: Vec<u64> = (1..=cluster.opts.nodes).collect();
+        cluster
+            .wait_for_leaders(&all, Duration::from_secs(60))
+            .await;
+        cluster
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        format!("{}.{id}:{PORT}", self.ip_prefix)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        (1..=self.opts.nodes).map(|id| self.addr(id)).collect()
+    }
+
+    fn peers(&self) -> String {
+        (1..=self.opts.nodes)
+            .map(|id| format!("{id}={}", self.addr(id)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}.log"))
+    }
+
+    /// Starts node `id` (with its existing data, if any).
+    pub fn spawn(&mut self, id: u64) {
+        assert!(
+            !self.procs.contains_key(&id),
+            "node {id} is already running"
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))
+            .expect("log file");
+        let mut cmd = Command::new(palisade_bin());
+        cmd.arg("start")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &self.addr(id)])
+            .args(["--peers", &self.peers()])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("node-{id}")))
+            .args(["--groups", &self.opts.groups.to_string()]);
+        if let Some(n) = self.opts.snapshot_every {
+            cmd.args(["--snapshot-every", &n.to_string()]);
+        }
+        if let Some(n) = self.opts.keep_logs {
+            cmd.args(["--keep-logs", &n.to_string()]);
+        }
+        cmd.env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only an async-signal-safe call between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // A node must not outlive its test, even if the test
+                    // process dies without running destructors.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn palisade node");
+        self.procs.insert(id, child);
+    }
+
+    /// `kill -9` node `id` and reap it.
+    pub fn kill(&mut self, id: u64) {
+        let mut child = self
+            .procs
+            .remove(&id)
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Restarts a killed node on its own data directory.
+    pub fn restart(&mut self, id: u64) {
+        self.spawn(id);
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.procs.keys().copied().collect()
+    }
+
+    /// A client over every node's address.
+    pub async fn client(&self) -> Client {
+        let live: Vec<String> = self.running().iter().map(|id| self.addr(*id)).collect();
+        Client::connect(live).await.expect("connect client")
+    }
+
+    /// Cluster status as seen by the first running node that answers.
+    pub async fn status(&self) -> Option<pb::ClusterStatusResponse> {
+        for id in self.running() {
+            let Ok(client) = Client::connect(vec![self.addr(id)]).await else {
+                continue;
+            };
+            if let Ok(s) = client.cluster_status().await {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Waits until every node in `alive` answers and every group has a
+    /// leader among them that all of them acknowledge.
+    pub async fn wait_for_leaders(
+        &self,
+        alive: &[u64],
+        timeout: Duration,
+    ) -> pb::ClusterStatusResponse {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(s) = self.status().await {
+                let up = s
+                    .nodes
+                    .iter()
+                    .filter(|n| n.reachable && alive.contains(&n.id))
+                    .count();
+                let groups_ok = s.groups.len() as u64 == self.opts.groups + 1
+                    && s.groups.iter().all(|g| {
+                        alive.contains(&g.leader_id)
+                            && g.replicas
+                                .iter()
+                                .filter(|r| alive.contains(&r.node_id))
+                                .all(|r| r.term == g.term && r.role != "candidate")
+                    });
+                if up == alive.len() && groups_ok {
+                    return s;
+                }
+                last = format!(
+                    "{up}/{} up; leaders {:?}",
+                    alive.len(),
+                    s.groups.iter().map(|g| g.leader_id).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader for every group among {alive:?} within {timeout:?}: {last}");
+    }
+
+    /// Waits until node `id` has applied, in every group, at least what the
+    /// group's leader had committed when this call started.
+    pub async fn wait_caught_up(&self, id: u64, timeout: Duration) -> pb::ClusterStatusResponse {
+        let deadline = Instant::now() + timeout;
+        let target: BTreeMap<u64, u64> = loop {
+            if let Some(s) = self.status().await {
+                let t: Option<BTreeMap<u64, u64>> = s
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        g.replicas
+                            .iter()
+                            .find(|r| r.node_id == g.leader_id)
+                            .map(|r| (g.group_id, r.commit_index))
+                    })
+                    .collect();
+                if let Some(t) = t {
+                    break t;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader status within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        while Instant::now() < deadline {
+            if let Some(s) = self.status().await {
+                let done = s.groups.iter().all(|g| {
+                    g.replicas
+                        .iter()
+                        .any(|r| r.node_id == id && r.applied_index >= target[&g.group_id])
+                });
+                if done {
+                    return s;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("node {id} did not catch up to {target:?} within {timeout:?}");
+    }
+
+    fn dump_logs(&self) {
+        for id in 1..=self.opts.nodes {
+            let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("----- node {id} log (last 40 lines) -----");
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for (_, mut child) in std::mem::take(&mut self.procs) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Retries `f` until it succeeds or `timeout` passes; returns the value and
+/// how long it took.
+pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(timeout: Duration, mut f: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let start = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return (v, start.elapsed()),
+            Err(e) => {
+                assert!(
+                    start.elapsed() < timeout,
+                    "still failing after {timeout:?}: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

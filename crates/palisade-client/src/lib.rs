@@ -92,7 +92,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(6),
             request_timeout: Duration::from_secs(15),
             backoff_base: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(1000),
+            backoff_max: Duration::from_millis(250),
         }
     }
 }

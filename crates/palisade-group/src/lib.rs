@@ -46,6 +46,8 @@ pub struct ReplicaState {
     pub purged_index: u64,
     pub snapshots_installed: u64,
     pub voters: Vec<NodeId>,
+    /// Live user keys in this replica's state.
+    pub key_count: u64,
 }
 
 /// One Raft group hosted on this node.
@@ -230,6 +232,7 @@ impl RaftGroup {
             purged_index: m.purged.map_or(0, |l| l.index),
             snapshots_installed: self.installed.load(Ordering::Relaxed),
             voters: voters.into_iter().collect(),
+            key_count: self.state.user_key_count().unwrap_or(0) as u64,
         }
     }
 

@@ -216,5 +216,6 @@ fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
         purged_index: st.purged_index,
         snapshots_installed: st.snapshots_installed,
         voters: st.voters.clone(),
+        key_count: st.key_count,
     }
 }

@@ -289,7 +289,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
                 "last_log_index": r.last_log_index, "commit_index": r.commit_index,
                 "applied_index": r.applied_index, "snapshot_index": r.snapshot_index,
                 "purged_index": r.purged_index, "snapshots_installed": r.snapshots_installed,
-                "voters": r.voters,
+                "voters": r.voters, "key_count": r.key_count,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -311,7 +311,7 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "GROUP  LEADER  TERM  NODE  ROLE       LAST_LOG  COMMIT  APPLIED  SNAPSHOT"
+        "GROUP  LEADER  TERM  NODE  ROLE       LAST_LOG  COMMIT  APPLIED  SNAPSHOT  KEYS"
     );
     for g in &s.groups {
         let name = if g.group_id == 0 {
