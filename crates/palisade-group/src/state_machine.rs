@@ -348,3 +348,175 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+    use palisade_storage::NodeStore;
+
+    use super::*;
+    use crate::types::{Compare, CompareOp, CompareTarget, RequestId, Txn};
+
+    fn open(dir: &std::path::Path) -> StateMachine {
+        let store = NodeStore::open(dir, 8 * 1024 * 1024).unwrap();
+        StateMachine::new(
+            1,
+            store.state_tree(1).unwrap(),
+            store.snapshot_store(1).unwrap(),
+            store.flusher().clone(),
+        )
+        .unwrap()
+    }
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn put(key: &str, value: &str) -> Command {
+        Command {
+            request_id: None,
+            txn: Txn::single(TxnOp::Put {
+                key: key.into(),
+                value: value.into(),
+            }),
+        }
+    }
+
+    fn cas(key: &str, expect: &str, new: &str) -> Command {
+        Command {
+            request_id: None,
+            txn: Txn {
+                compares: vec![Compare {
+                    key: key.into(),
+                    op: CompareOp::Equal,
+                    target: CompareTarget::Value(expect.into()),
+                }],
+                success: vec![TxnOp::Put {
+                    key: key.into(),
+                    value: new.into(),
+                }],
+                failure: vec![TxnOp::Get { key: key.into() }],
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_puts_txns_and_deletes_with_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let del = Command {
+            request_id: None,
+            txn: Txn::single(TxnOp::Delete { key: b"b".to_vec() }),
+        };
+        let results = sm
+            .apply(vec![
+                entry(1, put("a", "1")),
+                entry(2, cas("a", "1", "2")),
+                entry(3, cas("a", "1", "3")),
+                entry(4, put("b", "x")),
+                entry(5, del),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            results.iter().map(|r| r.revision).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert!(
+            results[1].succeeded,
+            "entry 2 sees entry 1 within one batch"
+        );
+        assert!(!results[2].succeeded);
+        match &results[2].results[0] {
+            OpResult::Get { record: Some(r) } => assert_eq!(r.value, b"2"),
+            other => panic!("failure branch should read the key: {other:?}"),
+        }
+        assert!(matches!(
+            &results[4].results[0],
+            OpResult::Delete { prev: Some(_) }
+        ));
+        let (a, rev) = sm.state.get(b"a").unwrap();
+        let a = a.unwrap();
+        assert_eq!(
+            (
+                a.value.as_slice(),
+                a.create_revision,
+                a.mod_revision,
+                a.version
+            ),
+            (&b"2"[..], 1, 2, 2)
+        );
+        assert_eq!(rev, 5);
+        assert_eq!(sm.state.get(b"b").unwrap().0, None);
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_request_id_applies_once_and_is_forgotten_when_the_client_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let with_id = |value: &str, seq, first| Command {
+            request_id: Some(RequestId {
+                client_id: 9,
+                seq,
+                first_incomplete_seq: first,
+            }),
+            ..put("k", value)
+        };
+        let r = sm
+            .apply(vec![
+                entry(1, with_id("a", 1, 1)),
+                entry(2, with_id("b", 1, 1)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r[0], r[1], "the retry answers with the first result");
+        let rec = sm.state.get(b"k").unwrap().0.unwrap();
+        assert_eq!((rec.value.as_slice(), rec.version), (&b"a"[..], 1));
+        // Seq 2 says seq 1 is done: its record goes, so a (buggy) replay of
+        // seq 1 would apply again — the client promised it never will.
+        sm.apply(vec![entry(3, with_id("c", 2, 2))]).await.unwrap();
+        let batch = sm.state.batch();
+        assert_eq!(batch.dedup_get(9, 1).unwrap(), None);
+        assert!(batch.dedup_get(9, 2).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn snapshot_installs_an_identical_state_elsewhere() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut source = open(d1.path());
+        let entries: Vec<_> = (1..=20)
+            .map(|i| entry(i, put(&format!("k{i}"), &i.to_string())))
+            .collect();
+        source.apply(entries).await.unwrap();
+        let mut builder = source.get_snapshot_builder().await;
+        // Applies after the copy must not leak into the snapshot.
+        source
+            .apply(vec![entry(21, put("late", "x"))])
+            .await
+            .unwrap();
+        let snap = builder.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(20));
+
+        let mut target = open(d2.path());
+        target
+            .apply(vec![entry(1, put("stale", "gone"))])
+            .await
+            .unwrap();
+        target
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(target.state.get(b"k7").unwrap().0.unwrap().value, b"7");
+        assert_eq!(target.state.get(b"stale").unwrap().0, None);
+        assert_eq!(target.state.get(b"late").unwrap().0, None);
+        assert_eq!(target.state.revision(), 20);
+        assert_eq!(target.installed.load(Ordering::Relaxed), 1);
+        let current = target.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snap.meta);
+    }
+}

@@ -33,15 +33,14 @@ pub struct Flusher {
 
 impl Flusher {
     /// Starts the flusher thread for `db`. It exits when every handle is gone.
-    pub fn start(db: sled::Db) -> Self {
+    pub fn start(db: sled::Db) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Completion>();
         let stats = Arc::new(FlushStats::default());
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("palisade-flusher".into())
-            .spawn(move || run(db, rx, &thread_stats))
-            .expect("spawning the flusher thread");
-        Self { tx, stats }
+            .spawn(move || run(db, rx, &thread_stats))?;
+        Ok(Self { tx, stats })
     }
 
     /// Runs `done` after the next flush that starts after this call.

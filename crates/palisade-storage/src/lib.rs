@@ -73,7 +73,8 @@ impl NodeStore {
             // fsyncs that nobody waits for.
             .flush_every_ms(None)
             .open()?;
-        let flusher = Flusher::start(db.clone());
+        let flusher = Flusher::start(db.clone())
+            .map_err(|e| StoreError::Flush(format!("cannot start the flusher thread: {e}")))?;
         Ok(Self { db, flusher })
     }
 
