@@ -1,13 +1,13 @@
-//! Quick single-client put (or, with a third argument `get`, linearizable
-//! get) latency loop (the real benchmark is
-//! `palisade bench`, to come). Usage:
+//! Quick latency loop (the real benchmark is `palisade bench`, to come):
 //!
 //! ```sh
-//! cargo run --release -p palisade-client --example put_loop -- 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 5000 [get]
+//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get] [CLIENTS]
+//! cargo run --release -p palisade-client --example put_loop -- 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 5000 put 1
 //! ```
 //!
-//! Sequential puts of 256-byte values to 8-byte keys; prints latency
-//! percentiles and throughput.
+//! Closed loop: CLIENTS tasks sharing one client issue OPS operations in
+//! total: puts of 256-byte values to 8-byte keys, or linearizable gets.
+//! Prints throughput and latency percentiles.
 
 use std::time::{Duration, Instant};
 
@@ -21,33 +21,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into());
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2000);
     let reads = args.next().as_deref() == Some("get");
+    let clients: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1)
+        .max(1);
     let client = Client::connect(endpoints.split(',').map(str::to_string)).await?;
     let value = vec![b'x'; 256];
-    // Warm up: channels, leader cache.
+    // Warm up: channels, leader cache, keys to read.
     for i in 0..200 {
-        client
-            .put(format!("{:08}", i % 100_000), value.clone())
-            .await?;
+        client.put(format!("{:08}", i), value.clone()).await?;
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = client.clone();
+        let value = value.clone();
+        let ops = n / clients;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(ops);
+            for i in 0..ops {
+                let key = format!("{:08}", (c * ops + i) % 200);
+                let t = Instant::now();
+                let res = if reads {
+                    client.get(key).await.map(|_| ())
+                } else {
+                    client.put(key, value.clone()).await.map(|_| ())
+                };
+                res.expect("operation failed");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
     }
     let mut lat: Vec<Duration> = Vec::with_capacity(n);
-    let start = Instant::now();
-    for i in 0..n {
-        let key = format!("{:08}", i % 100);
-        let t = Instant::now();
-        if reads {
-            client.get(key).await?;
-        } else {
-            client.put(key, value.clone()).await?;
-        }
-        lat.push(t.elapsed());
+    for t in tasks {
+        lat.extend(t.await?);
     }
     let total = start.elapsed();
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     println!(
-        "{n} {}, 1 client, 256 B values: {:.0} ops/s  p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        "{} {}, {clients} clients, 256 B values: {:.0} ops/s  p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        lat.len(),
         if reads { "linearizable gets" } else { "puts" },
-        n as f64 / total.as_secs_f64(),
+        lat.len() as f64 / total.as_secs_f64(),
         pct(0.50),
         pct(0.90),
         pct(0.99),

@@ -60,8 +60,10 @@ impl Admin for AdminService {
         let mut node_infos = Vec::new();
         let mut groups: BTreeMap<u64, pb::GroupStatus> = BTreeMap::new();
         for ((id, addr), probe) in nodes.iter().zip(probes) {
+            let mut counters = (0, 0);
             let (reachable, error) = match probe {
                 Ok(status) => {
+                    counters = (status.flushes, status.flush_waiters);
                     for g in status.groups {
                         let entry = groups.entry(g.group_id).or_insert_with(|| pb::GroupStatus {
                             group_id: g.group_id,
@@ -86,6 +88,8 @@ impl Admin for AdminService {
                 addr: addr.clone(),
                 reachable,
                 error,
+                flushes: counters.0,
+                flush_waiters: counters.1,
             });
         }
         Ok(Response::new(pb::ClusterStatusResponse {

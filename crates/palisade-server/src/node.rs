@@ -187,9 +187,12 @@ impl Node {
                 replica: Some(replica_status(&st)),
             });
         }
+        let (flushes, flush_waiters) = self.flush_stats();
         pb::NodeStatusResponse {
             node_id: self.config.id,
             groups,
+            flushes,
+            flush_waiters,
         }
     }
 

@@ -279,6 +279,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
         "data_groups": s.data_groups,
         "nodes": s.nodes.iter().map(|n| serde_json::json!({
             "id": n.id, "addr": n.addr, "reachable": n.reachable, "error": n.error,
+            "flushes": n.flushes, "flush_waiters": n.flush_waiters,
         })).collect::<Vec<_>>(),
         "groups": s.groups.iter().map(|g| serde_json::json!({
             "group_id": g.group_id,
@@ -299,14 +300,21 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
 pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "NODE  ADDRESS                 STATE");
+    let _ = writeln!(
+        out,
+        "NODE  ADDRESS                 FSYNCS    WAITS     STATE"
+    );
     for n in &s.nodes {
         let state = if n.reachable {
             "up".to_string()
         } else {
             format!("DOWN ({})", n.error)
         };
-        let _ = writeln!(out, "{:<5} {:<23} {}", n.id, n.addr, state);
+        let _ = writeln!(
+            out,
+            "{:<5} {:<23} {:<9} {:<9} {}",
+            n.id, n.addr, n.flushes, n.flush_waiters, state
+        );
     }
     let _ = writeln!(out);
     let _ = writeln!(
