@@ -46,6 +46,8 @@ pub struct ClusterOptions {
     pub groups: u64,
     pub snapshot_every: Option<u64>,
     pub keep_logs: Option<u64>,
+    /// Extra arguments for every `palisade start`.
+    pub extra_args: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -55,6 +57,7 @@ impl ClusterOptions {
             groups: 4,
             snapshot_every: None,
             keep_logs: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct TestCluster {
     ip_prefix: String,
     opts: ClusterOptions,
     procs: BTreeMap<u64, Child>,
+    /// Nodes stopped with SIGSTOP.
+    paused: std::collections::BTreeSet<u64>,
 }
 
 impl TestCluster {
@@ -82,6 +87,7 @@ impl TestCluster {
             ip_prefix,
             opts,
             procs: BTreeMap::new(),
+            paused: Default::default(),
         };
         for id in 1..=cluster.opts.nodes {
             cluster.spawn(id);
@@ -95,6 +101,20 @@ impl TestCluster {
 
     pub fn addr(&self, id: u64) -> String {
         format!("{}.{id}:{PORT}", self.ip_prefix)
+    }
+
+    /// Node `id`'s own loopback IP (its peer traffic comes from it).
+    pub fn ip(&self, id: u64) -> String {
+        format!("{}.{id}", self.ip_prefix)
+    }
+
+    pub fn nodes(&self) -> u64 {
+        self.opts.nodes
+    }
+
+    /// Where node logs and data live.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -137,6 +157,7 @@ impl TestCluster {
         if let Some(n) = self.opts.keep_logs {
             cmd.args(["--keep-logs", &n.to_string()]);
         }
+        cmd.args(&self.opts.extra_args);
         cmd.env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
@@ -163,8 +184,40 @@ impl TestCluster {
             .procs
             .remove(&id)
             .unwrap_or_else(|| panic!("node {id} is not running"));
+        self.paused.remove(&id);
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    fn signal(&self, id: u64, sig: i32) {
+        if let Some(child) = self.procs.get(&id) {
+            // SAFETY: kill(2) on a child we have not reaped.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
+    }
+
+    /// SIGSTOP node `id` (a process pause: GC, VM freeze, swap storm).
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+        self.paused.insert(id);
+    }
+
+    /// SIGCONT node `id`.
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+        self.paused.remove(&id);
+    }
+
+    /// Resumes every paused node and restarts every killed one.
+    pub fn heal_processes(&mut self) {
+        for id in std::mem::take(&mut self.paused) {
+            self.signal(id, libc::SIGCONT);
+        }
+        for id in 1..=self.opts.nodes {
+            if !self.procs.contains_key(&id) {
+                self.spawn(id);
+            }
+        }
     }
 
     /// Restarts a killed node on its own data directory.
@@ -202,6 +255,18 @@ impl TestCluster {
         alive: &[u64],
         timeout: Duration,
     ) -> pb::ClusterStatusResponse {
+        match self.try_wait_for_leaders(alive, timeout).await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`Self::wait_for_leaders`], but reports a timeout as an error.
+    pub async fn try_wait_for_leaders(
+        &self,
+        alive: &[u64],
+        timeout: Duration,
+    ) -> Result<pb::ClusterStatusResponse, String> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -220,7 +285,7 @@ impl TestCluster {
                                 .all(|r| r.term == g.term && r.role != "candidate")
                     });
                 if up == alive.len() && groups_ok {
-                    return s;
+                    return Ok(s);
                 }
                 last = format!(
                     "{up}/{} up; leaders {:?}",
@@ -230,7 +295,9 @@ impl TestCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no leader for every group among {alive:?} within {timeout:?}: {last}");
+        Err(format!(
+            "no leader for every group among {alive:?} within {timeout:?}: {last}"
+        ))
     }
 
     /// Waits until node `id` has applied, in every group, at least what the
@@ -292,7 +359,11 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             self.dump_logs();
         }
-        for (_, mut child) in std::mem::take(&mut self.procs) {
+        for (id, mut child) in std::mem::take(&mut self.procs) {
+            if self.paused.contains(&id) {
+                // SAFETY: kill(2) on our own unreaped child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -35,9 +35,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     inner: Arc<Mutex<BTreeMap<NodeId, (String, Channel)>>>,
+    /// Source address for outgoing connections. Set when the node advertises
+    /// a loopback address of its own (127.x.y.z), so that per-address packet
+    /// filters (the fault drills' partitions) see which node sent a packet.
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl PeerChannels {
+    /// Channels whose connections originate from `local_ip`.
+    pub fn with_local_ip(local_ip: Option<std::net::IpAddr>) -> Self {
+        Self {
+            inner: Arc::default(),
+            local_ip,
+        }
+    }
+
     /// The channel to `node` at `addr`, created if missing or if the node's
     /// address changed.
     pub fn get(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
@@ -52,6 +64,7 @@ impl PeerChannels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
+            .local_address(self.local_ip)
             .connect_lazy();
         map.insert(node, (addr.to_string(), channel.clone()));
         Ok(channel)

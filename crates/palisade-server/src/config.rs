@@ -84,6 +84,10 @@ pub struct NodeConfig {
     pub peer_timeout: Duration,
     /// sled page cache bound.
     pub cache_bytes: u64,
+    /// TEST ONLY: answer `Get` from this node's local state, skipping
+    /// ReadIndex. Reads become stale and non-linearizable; jepsen-lite's
+    /// positive control uses this to prove its checker catches that.
+    pub unsafe_local_reads: bool,
 }
 
 impl NodeConfig {
@@ -108,6 +112,7 @@ impl NodeConfig {
             read_timeout: Duration::from_secs(5),
             peer_timeout: Duration::from_secs(5),
             cache_bytes: palisade_storage::DEFAULT_CACHE_BYTES,
+            unsafe_local_reads: false,
         }
     }
 

@@ -245,7 +245,12 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::check_key(&self.node.config.limits, &req.key)?;
         let group = self.node.group_for_key(&req.key)?;
-        match group.read_index(self.node.config.read_timeout).await {
+        let confirmed = if self.node.config.unsafe_local_reads {
+            Ok(())
+        } else {
+            group.read_index(self.node.config.read_timeout).await
+        };
+        match confirmed {
             Ok(()) => {
                 let (record, revision) = group.state().get(&req.key).map_err(ServerError::from)?;
                 Ok(Response::new(pb::GetResponse {

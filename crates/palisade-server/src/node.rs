@@ -71,7 +71,16 @@ impl Node {
             ))
         })?;
         let raft_config = Arc::new(config.raft_config()?);
-        let channels = PeerChannels::default();
+        // Bind outgoing peer connections to our own address when it is a
+        // loopback address other than 127.0.0.1: several nodes then share one
+        // host, and drills partition them with per-address packet filters.
+        let local_ip = config
+            .advertise_addr()
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| ip.is_loopback() && *ip != std::net::IpAddr::from([127, 0, 0, 1]));
+        let channels = PeerChannels::with_local_ip(local_ip);
         let members: BTreeMap<NodeId, BasicNode> = config
             .peers
             .iter()

@@ -38,6 +38,10 @@ pub struct StartArgs {
     /// Largest value accepted, in bytes.
     #[arg(long, env = "PALISADE_MAX_VALUE_BYTES", default_value_t = palisade_server::config::DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
+    /// TEST ONLY: answer reads from local state without ReadIndex (stale,
+    /// not linearizable). Used by jepsen-lite's positive control.
+    #[arg(long, hide = true)]
+    pub unsafe_local_reads: bool,
 }
 
 fn parse_peers_arg(s: &str) -> Result<std::collections::BTreeMap<u64, String>, String> {
@@ -74,6 +78,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<ExitCode> {
     config.keep_logs = args.keep_logs;
     config.limits.max_key_bytes = args.max_key_bytes;
     config.limits.max_value_bytes = args.max_value_bytes;
+    config.unsafe_local_reads = args.unsafe_local_reads;
+    if config.unsafe_local_reads {
+        tracing::warn!("--unsafe-local-reads: reads skip ReadIndex and may be stale (test only)");
+    }
     config.validate()?;
     // Bind first: a taken port should fail before storage is touched.
     let listener = tokio::net::TcpListener::bind(config.listen)
