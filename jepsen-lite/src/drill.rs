@@ -173,7 +173,7 @@ struct Fault {
 }
 
 /// iptables rules in a chain of our own, hooked into OUTPUT.
-struct Firewall {
+pub struct Firewall {
     chain: String,
 }
 
@@ -193,7 +193,8 @@ fn iptables(args: &[&str]) -> anyhow::Result<()> {
 }
 
 impl Firewall {
-    fn new() -> anyhow::Result<Self> {
+    /// Creates the chain; fails without root or iptables.
+    pub fn new() -> anyhow::Result<Self> {
         let chain = format!("PALISADE-{}", std::process::id());
         iptables(&["-N", &chain])?;
         if let Err(e) = iptables(&["-I", "OUTPUT", "-j", &chain]) {
@@ -203,8 +204,8 @@ impl Firewall {
         Ok(Self { chain })
     }
 
-    /// Drops packets between every pair of nodes in different sides.
-    fn cut(&self, ips: &BTreeMap<u64, String>, links: &[(u64, u64)]) -> anyhow::Result<()> {
+    /// Drops packets on each directed link (from, to), by node IP.
+    pub fn cut(&self, ips: &BTreeMap<u64, String>, links: &[(u64, u64)]) -> anyhow::Result<()> {
         for (a, b) in links {
             iptables(&[
                 "-A",
@@ -220,7 +221,8 @@ impl Firewall {
         Ok(())
     }
 
-    fn heal(&self) -> anyhow::Result<()> {
+    /// Removes every rule: all links work again.
+    pub fn heal(&self) -> anyhow::Result<()> {
         iptables(&["-F", &self.chain])
     }
 }
@@ -234,7 +236,7 @@ impl Drop for Firewall {
 }
 
 /// Links (both directions) cut by a partition into `sides`.
-fn links_between(sides: &[Vec<u64>]) -> Vec<(u64, u64)> {
+pub fn links_between(sides: &[Vec<u64>]) -> Vec<(u64, u64)> {
     let mut links = Vec::new();
     for (i, a) in sides.iter().enumerate() {
         for (j, b) in sides.iter().enumerate() {
@@ -340,6 +342,10 @@ fn write_error_kind(status: &tonic::Status) -> Kind {
         // A leader hint means the write was never proposed.
         (tonic::Code::Unavailable, Some(pb::error_detail::Kind::NotLeader(_))) => Kind::Fail,
         (tonic::Code::InvalidArgument, _) => Kind::Fail,
+        // The connection could not be opened: the request never left.
+        (tonic::Code::Unavailable, None) if status.message().contains("tcp connect error") => {
+            Kind::Fail
+        }
         _ => Kind::Info,
     }
 }
@@ -629,6 +635,7 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
     });
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    ensure_palisade_bin()?;
     let firewall = if args.nemesis.iter().any(|k| k == "partition") {
         Some(Arc::new(
             Firewall::new().context("the partition nemesis needs root and iptables")?,
@@ -801,6 +808,33 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
             crate::EXIT_OK
         },
     )
+}
+
+/// Finds the `palisade` binary, or builds it when running from a source
+/// tree, and points `PALISADE_BIN` at it for the cluster harness.
+fn ensure_palisade_bin() -> anyhow::Result<()> {
+    if let Some(bin) = palisade_tests::find_palisade_bin() {
+        // SAFETY: set before any other thread reads the environment.
+        unsafe { std::env::set_var("PALISADE_BIN", &bin) };
+        return Ok(());
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !workspace.join("Cargo.toml").is_file() {
+        bail!("the palisade binary was not found next to jepsen-lite; set PALISADE_BIN");
+    }
+    eprintln!("building palisade (cargo build --release -p palisade)…");
+    let status = std::process::Command::new("cargo")
+        .args(["build", "--release", "-p", "palisade"])
+        .current_dir(&workspace)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo build -p palisade failed");
+    }
+    let bin = workspace.join("target/release/palisade");
+    // SAFETY: as above.
+    unsafe { std::env::set_var("PALISADE_BIN", &bin) };
+    Ok(())
 }
 
 fn op_counts(history: &crate::history::History) -> Value {

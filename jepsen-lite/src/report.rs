@@ -9,7 +9,11 @@ use crate::checker::{KeyResult, KeyVerdict, Report};
 use crate::history::{F, Op, Outcome};
 
 /// Timelines drawn at most (violations first), to keep reports small.
-const MAX_TIMELINES: usize = 20;
+const MAX_TIMELINES: usize = 12;
+
+/// Operations drawn per timeline: a window around the operation that cannot
+/// be placed (or the key's first operations when there is none).
+const WINDOW: usize = 40;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -39,14 +43,31 @@ fn timeline(out: &mut String, k: &KeyResult<'_>) {
         KeyVerdict::NotLinearizable(c) => (c.prefix.clone(), Some(c.stuck)),
         _ => (Vec::new(), None),
     };
-    let mut procs: Vec<u64> = k.ops.iter().map(|o| o.process).collect();
+    // Ops are in invoke order; show a window around the stuck op.
+    let centre = stuck.unwrap_or(WINDOW / 2);
+    let first = centre.saturating_sub(WINDOW * 3 / 4);
+    let last = (first + WINDOW).min(k.ops.len());
+    let shown: Vec<usize> = (first..last).collect();
+    if shown.len() < k.ops.len() {
+        let _ = writeln!(
+            out,
+            "<p>Showing operations {}–{} of {} (hover a bar for its lines in the history).</p>",
+            first + 1,
+            last,
+            k.ops.len()
+        );
+    }
+    let mut procs: Vec<u64> = shown.iter().map(|i| k.ops[*i].process).collect();
     procs.sort_unstable();
     procs.dedup();
-    let lo = k.ops.iter().map(|o| o.invoke_pos).min().unwrap_or(0);
-    let hi = k
-        .ops
+    let lo = shown
         .iter()
-        .filter_map(|o| o.complete_pos)
+        .map(|i| k.ops[*i].invoke_pos)
+        .min()
+        .unwrap_or(0);
+    let hi = shown
+        .iter()
+        .filter_map(|i| k.ops[*i].complete_pos)
         .max()
         .unwrap_or(lo)
         .max(lo + 1);
@@ -62,13 +83,14 @@ fn timeline(out: &mut String, k: &KeyResult<'_>) {
         let y = 20.0 + r as f64 * row;
         let _ = writeln!(out, "<text x=\"2\" y=\"{}\">p{p}</text>", y + 14.0);
     }
-    for (i, op) in k.ops.iter().enumerate() {
+    for &i in &shown {
+        let op = k.ops[i];
         let r = procs.iter().position(|p| *p == op.process).unwrap_or(0);
         let y = 20.0 + r as f64 * row;
         let x0 = 70.0 + (op.invoke_pos - lo) as f64 / span * w;
         let x1 = match op.complete_pos {
-            Some(c) => 70.0 + (c - lo + 1) as f64 / span * w,
-            None => 70.0 + w,
+            Some(c) if c <= hi => 70.0 + (c - lo + 1) as f64 / span * w,
+            _ => 70.0 + w,
         };
         let fill = match op.outcome {
             Outcome::Ok => "#cfe3ff",

@@ -22,21 +22,25 @@ const PORT: u16 = 17_001;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
-/// Path of the `palisade` binary next to the test executable.
-pub fn palisade_bin() -> PathBuf {
+/// Where the `palisade` binary is: `$PALISADE_BIN`, or next to the running
+/// executable (a binary in `target/<profile>/`), or one directory up (a test
+/// in `target/<profile>/deps/`).
+pub fn find_palisade_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("PALISADE_BIN") {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/palisade
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("palisade");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo test --workspace` builds it)",
-        bin.display()
-    );
-    bin
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("palisade"), dir.parent()?.join("palisade")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// Path of the `palisade` binary; panics with advice when it is missing.
+pub fn palisade_bin() -> PathBuf {
+    find_palisade_bin().unwrap_or_else(|| {
+        panic!("the palisade binary is missing: build it first (`cargo test --workspace` builds it) or set PALISADE_BIN")
+    })
 }
 
 /// Knobs for a test cluster.
