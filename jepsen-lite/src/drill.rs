@@ -868,3 +868,53 @@ fn availability(history: &crate::history::History, faults: &[Fault]) -> Value {
         .map(|(k, (ok, total))| (k, json!({"ok": ok, "total": total, "ratio": if total > 0 { ok as f64 / total as f64 } else { 0.0 }})))
         .collect::<BTreeMap<_, _>>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked_from(links: &[(u64, u64)], a: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = links
+            .iter()
+            .filter(|(x, _)| *x == a)
+            .map(|(_, y)| *y)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn partition_plans_cut_the_intended_links() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (_, iso) = partition_plan("isolate", 3, 2, &mut rng);
+        assert_eq!(blocked_from(&iso, 2), vec![1, 3]);
+        assert_eq!(blocked_from(&iso, 1), vec![2]);
+        assert_eq!(iso.len(), 4);
+
+        // Ring of 5: each node still hears its two neighbours (a majority
+        // with itself) and nobody else.
+        let (_, ring) = partition_plan("ring", 5, 1, &mut rng);
+        assert_eq!(blocked_from(&ring, 1), vec![3, 4]);
+        assert_eq!(blocked_from(&ring, 3), vec![1, 5]);
+        assert_eq!(ring.len(), 10);
+
+        // Bridge: {1,2} and {4,5} are cut from each other; 3 reaches all.
+        let (_, bridge) = partition_plan("bridge", 5, 1, &mut rng);
+        assert_eq!(blocked_from(&bridge, 3), Vec::<u64>::new());
+        assert_eq!(blocked_from(&bridge, 1), vec![4, 5]);
+        assert_eq!(bridge.len(), 8);
+
+        // Halves of 5: a minority of 2 against a majority of 3.
+        let (_, halves) = partition_plan("halves", 5, 1, &mut rng);
+        assert_eq!(halves.len(), 2 * 2 * 3);
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+}
