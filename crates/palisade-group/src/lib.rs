@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod network;
+pub mod runtime;
 pub mod state_machine;
 pub mod types;
 
@@ -27,7 +28,7 @@ use openraft::{BasicNode, ServerState};
 use palisade_storage::{NodeStore, StateTree};
 
 pub use error::GroupError;
-pub use network::{PeerChannels, PeerNetwork};
+pub use network::{Connector, PeerChannels, PeerNetwork, TcpConnector};
 pub use state_machine::StateMachine;
 pub use types::*;
 

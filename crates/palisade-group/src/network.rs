@@ -31,22 +31,53 @@ use crate::types::{GroupId, NodeId, TypeConfig};
 /// How long dialing a peer may take before the RPC counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Cached channels to peers, keyed by node id. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct PeerChannels {
-    inner: Arc<Mutex<BTreeMap<NodeId, (String, Channel)>>>,
+/// Opens (lazily connected) channels to other nodes. Production uses TCP
+/// ([`TcpConnector`]); a simulation supplies its own network, so the node
+/// code is the same in both.
+pub trait Connector: Send + Sync + 'static {
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error>;
+}
+
+/// TCP channels, optionally from a fixed source address.
+#[derive(Debug, Clone, Default)]
+pub struct TcpConnector {
     /// Source address for outgoing connections. Set when the node advertises
     /// a loopback address of its own (127.x.y.z), so that per-address packet
     /// filters (the fault drills' partitions) see which node sent a packet.
-    local_ip: Option<std::net::IpAddr>,
+    pub local_ip: Option<std::net::IpAddr>,
+}
+
+impl Connector for TcpConnector {
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .local_address(self.local_ip)
+            .connect_lazy())
+    }
+}
+
+/// Cached channels to peers, keyed by node id. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerChannels {
+    inner: Arc<Mutex<BTreeMap<NodeId, (String, Channel)>>>,
+    connector: Arc<dyn Connector>,
+}
+
+impl Default for PeerChannels {
+    fn default() -> Self {
+        Self::new(Arc::new(TcpConnector::default()))
+    }
 }
 
 impl PeerChannels {
-    /// Channels whose connections originate from `local_ip`.
-    pub fn with_local_ip(local_ip: Option<std::net::IpAddr>) -> Self {
+    /// Channels made by `connector`.
+    pub fn new(connector: Arc<dyn Connector>) -> Self {
         Self {
             inner: Arc::default(),
-            local_ip,
+            connector,
         }
     }
 
@@ -59,13 +90,7 @@ impl PeerChannels {
         {
             return Ok(ch.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .local_address(self.local_ip)
-            .connect_lazy();
+        let channel = self.connector.channel(addr)?;
         map.insert(node, (addr.to_string(), channel.clone()));
         Ok(channel)
     }

@@ -27,6 +27,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = crate::runtime::PalisadeRuntime,
 );
 
 /// A Raft instance of one group.

@@ -88,6 +88,9 @@ pub struct NodeConfig {
     /// ReadIndex. Reads become stale and non-linearizable; jepsen-lite's
     /// positive control uses this to prove its checker catches that.
     pub unsafe_local_reads: bool,
+    /// How writes are made durable: a group-commit thread (production) or
+    /// synchronously on the caller (deterministic simulation).
+    pub flush_mode: palisade_storage::FlushMode,
 }
 
 impl NodeConfig {
@@ -113,6 +116,7 @@ impl NodeConfig {
             peer_timeout: Duration::from_secs(5),
             cache_bytes: palisade_storage::DEFAULT_CACHE_BYTES,
             unsafe_local_reads: false,
+            flush_mode: palisade_storage::FlushMode::Thread,
         }
     }
 

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::BasicNode;
-use palisade_group::{GroupId, NodeId, PeerChannels, RaftGroup, ReplicaState};
+use palisade_group::{
+    Connector, GroupId, NodeId, PeerChannels, RaftGroup, ReplicaState, TcpConnector,
+};
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::admin_server::AdminServer;
 use palisade_proto::v1::kv_server::KvServer;
@@ -44,11 +46,33 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens storage and starts every group.
+    /// Opens storage and starts every group, talking to peers over TCP.
     pub async fn open(config: NodeConfig) -> Result<Arc<Node>, ServerError> {
+        // Bind outgoing peer connections to our own address when it is a
+        // loopback address other than 127.0.0.1: several nodes then share one
+        // host, and drills partition them with per-address packet filters.
+        let local_ip = config
+            .advertise_addr()
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| ip.is_loopback() && *ip != std::net::IpAddr::from([127, 0, 0, 1]));
+        Self::open_with(config, Arc::new(TcpConnector { local_ip })).await
+    }
+
+    /// Opens storage and starts every group, reaching peers through
+    /// `connector` (a simulation passes its own network here).
+    pub async fn open_with(
+        config: NodeConfig,
+        connector: Arc<dyn Connector>,
+    ) -> Result<Arc<Node>, ServerError> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = NodeStore::open(&config.data_dir.join("db"), config.cache_bytes)?;
+        let store = NodeStore::open_with(
+            &config.data_dir.join("db"),
+            config.cache_bytes,
+            config.flush_mode,
+        )?;
         let data_groups = match store.node_fact(DATA_GROUPS_FACT)? {
             Some(n) => {
                 if n != config.data_groups {
@@ -71,16 +95,7 @@ impl Node {
             ))
         })?;
         let raft_config = Arc::new(config.raft_config()?);
-        // Bind outgoing peer connections to our own address when it is a
-        // loopback address other than 127.0.0.1: several nodes then share one
-        // host, and drills partition them with per-address packet filters.
-        let local_ip = config
-            .advertise_addr()
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.ip())
-            .filter(|ip| ip.is_loopback() && *ip != std::net::IpAddr::from([127, 0, 0, 1]));
-        let channels = PeerChannels::with_local_ip(local_ip);
+        let channels = PeerChannels::new(connector);
         let members: BTreeMap<NodeId, BasicNode> = config
             .peers
             .iter()
@@ -115,6 +130,32 @@ impl Node {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServerError> {
+        // The builder's tcp_nodelay only covers sockets it binds itself;
+        // without it here, Nagle + delayed ACK add ~40 ms stalls.
+        self.serve_with_incoming(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
+    }
+
+    /// Serves on connections from `incoming` (a simulation passes its own
+    /// network's listener here).
+    pub async fn serve_with_incoming<I, IO, IE>(
+        self: &Arc<Self>,
+        incoming: I,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError>
+    where
+        I: tokio_stream::Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let max_request = self.config.limits.max_request_bytes + 64 * 1024;
         let kv =
             KvServer::new(kv::KvService::new(self.clone())).max_decoding_message_size(max_request);
@@ -127,12 +168,7 @@ impl Node {
             .add_service(kv)
             .add_service(admin)
             .add_service(peer)
-            // The builder's tcp_nodelay only covers sockets it binds itself;
-            // without it here, Nagle + delayed ACK add ~40 ms stalls.
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
     }

@@ -47,7 +47,7 @@ pub mod state;
 use std::path::Path;
 
 pub use error::StoreError;
-pub use flush::{FlushStats, Flusher};
+pub use flush::{FlushMode, FlushStats, Flusher};
 pub use log::LogStore;
 pub use snapshot::SnapshotStore;
 pub use state::{KeyEntry, KeyRecord, RawRecord, ScanResult, StateBatch, StateTree};
@@ -64,8 +64,13 @@ pub struct NodeStore {
 }
 
 impl NodeStore {
-    /// Opens (or creates) the database under `path`.
+    /// Opens (or creates) the database under `path`, with group commit.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(path, cache_bytes, FlushMode::Thread)
+    }
+
+    /// Opens the database with the given flush mode.
+    pub fn open_with(path: &Path, cache_bytes: u64, mode: FlushMode) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -73,7 +78,7 @@ impl NodeStore {
             // fsyncs that nobody waits for.
             .flush_every_ms(None)
             .open()?;
-        let flusher = Flusher::start(db.clone())
+        let flusher = Flusher::new(db.clone(), mode)
             .map_err(|e| StoreError::Flush(format!("cannot start the flusher thread: {e}")))?;
         Ok(Self { db, flusher })
     }
