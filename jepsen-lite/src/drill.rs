@@ -333,8 +333,10 @@ impl Stubs {
     }
 }
 
-/// How a write's error is recorded.
-fn write_error_kind(status: &tonic::Status) -> Kind {
+/// How a write's error is recorded: `fail` only when the write certainly
+/// did not happen (a leader hint, a bad request, a connection that never
+/// opened), `info` otherwise.
+pub fn write_error_kind(status: &tonic::Status) -> Kind {
     let detail = pb::ErrorDetail::decode(status.details())
         .ok()
         .and_then(|d| d.kind);
@@ -350,7 +352,8 @@ fn write_error_kind(status: &tonic::Status) -> Kind {
     }
 }
 
-fn decode_value(bytes: &[u8]) -> Value {
+/// A stored value as a history value (numbers stay numbers).
+pub fn decode_value(bytes: &[u8]) -> Value {
     let text = String::from_utf8_lossy(bytes);
     match text.parse::<u64>() {
         Ok(n) => json!(n),

@@ -163,3 +163,544 @@ pub async fn run_node(config: NodeConfig) -> Result<(), Box<dyn std::error::Erro
         .await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Scenario: clients, faults, invariants, history.
+// ---------------------------------------------------------------------------
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use jepsen_lite::history::{Event, F, Kind};
+use palisade_proto::v1 as pb;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+/// Shape of one simulated run.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub nodes: u64,
+    pub groups: u64,
+    pub clients: usize,
+    /// How long clients run (simulated time).
+    pub workload: Duration,
+    /// Inject faults (partitions, crashes, latency) during the workload.
+    pub faults: bool,
+}
+
+impl SimOptions {
+    pub fn new(seed: u64, nodes: u64) -> Self {
+        Self {
+            seed,
+            nodes,
+            groups: 2,
+            clients: 4,
+            workload: Duration::from_secs(20),
+            faults: true,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct SimOutcome {
+    /// Every client operation, in the jepsen-lite format.
+    pub history: Vec<Event>,
+    /// Faults applied and invariant observations, one line each.
+    pub trace: Vec<String>,
+    /// Problems found: checker verdict, invariant violations, lost writes.
+    pub problems: Vec<String>,
+}
+
+impl SimOutcome {
+    /// A hash of the history and trace, for comparing replays.
+    pub fn fingerprint(&self) -> u64 {
+        let mut text = jepsen_lite::history::to_jsonl(&self.history);
+        for line in &self.trace {
+            text.push_str(line);
+            text.push('\n');
+        }
+        palisade_shard_free_hash(text.as_bytes())
+    }
+}
+
+/// FNV-1a over the bytes (stable across runs and platforms).
+fn palisade_shard_free_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The command that replays a seed.
+pub fn replay_command(opts: &SimOptions) -> String {
+    format!(
+        "PALISADE_SIM_SEED={} cargo test -p palisade-sim --test simulation replay_one_seed -- --nocapture  # nodes={}",
+        opts.seed, opts.nodes
+    )
+}
+
+/// Records events in execution order (the simulation is single-threaded,
+/// so the order is deterministic), stamped with simulated time.
+#[derive(Clone, Default)]
+struct Recorder {
+    events: Rc<RefCell<Vec<Event>>>,
+}
+
+impl Recorder {
+    fn record(&self, process: u64, kind: Kind, f: F, key: &str, value: Value) {
+        let mut events = self.events.borrow_mut();
+        let index = events.len() as u64;
+        events.push(Event {
+            index,
+            process,
+            kind,
+            f,
+            key: Value::String(key.to_string()),
+            value,
+            time_ns: None,
+        });
+    }
+}
+
+/// Shared between clients: the next process id, key rotation, values.
+#[derive(Default)]
+struct Counters {
+    next_process: u64,
+    ops: u64,
+    next_value: u64,
+}
+
+const KEY_ROTATION: u64 = 120;
+
+async fn client_loop(
+    rec: Recorder,
+    counters: Rc<RefCell<Counters>>,
+    nodes: u64,
+    seed: u64,
+    run_for: Duration,
+) -> turmoil::Result {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = tokio::time::Instant::now();
+    let timeout = Duration::from_millis(800);
+    let new_process = |c: &Rc<RefCell<Counters>>| {
+        let mut c = c.borrow_mut();
+        c.next_process += 1;
+        c.next_process
+    };
+    let mut process = new_process(&counters);
+    let mut last_seen = Value::Null;
+    let stubs: Vec<_> = (1..=nodes).map(kv_client).collect();
+    while start.elapsed() < run_for {
+        let (key, value_id) = {
+            let mut c = counters.borrow_mut();
+            c.ops += 1;
+            c.next_value += 1;
+            (format!("r{}", c.ops / KEY_ROTATION), c.next_value)
+        };
+        let mut kv = stubs[rng.gen_range(0..stubs.len())].clone();
+        let (f, invoke) = match rng.gen_range(0..10) {
+            0..=4 => (F::Read, Value::Null),
+            5..=7 => (F::Write, json!(value_id)),
+            _ => (F::Cas, json!([last_seen.clone(), value_id])),
+        };
+        rec.record(process, Kind::Invoke, f, &key, invoke.clone());
+        let (kind, value) = match f {
+            F::Read => match tokio::time::timeout(
+                timeout,
+                kv.get(pb::GetRequest {
+                    key: key.clone().into_bytes(),
+                }),
+            )
+            .await
+            {
+                Ok(Ok(r)) => {
+                    let v = r.into_inner().kv.map_or(Value::Null, |kv| {
+                        jepsen_lite::drill::decode_value(&kv.value)
+                    });
+                    last_seen = v.clone();
+                    (Kind::Ok, v)
+                }
+                _ => (Kind::Fail, Value::Null),
+            },
+            F::Write => {
+                let req = pb::PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: invoke.to_string().into_bytes(),
+                    ..Default::default()
+                };
+                match tokio::time::timeout(timeout, kv.put(req)).await {
+                    Ok(Ok(_)) => (Kind::Ok, invoke.clone()),
+                    Ok(Err(s)) => (jepsen_lite::drill::write_error_kind(&s), invoke.clone()),
+                    Err(_) => (Kind::Info, invoke.clone()),
+                }
+            }
+            F::Cas => {
+                use pb::compare::{Op, Operand, Target};
+                let expected = &invoke[0];
+                let compare = if expected.is_null() {
+                    pb::Compare {
+                        key: key.clone().into_bytes(),
+                        target: Target::Exists as i32,
+                        op: Op::Equal as i32,
+                        operand: Some(Operand::Exists(false)),
+                    }
+                } else {
+                    pb::Compare {
+                        key: key.clone().into_bytes(),
+                        target: Target::Value as i32,
+                        op: Op::Equal as i32,
+                        operand: Some(Operand::Value(expected.to_string().into_bytes())),
+                    }
+                };
+                let req = pb::TxnRequest {
+                    compare: vec![compare],
+                    success: vec![pb::RequestOp {
+                        request: Some(pb::request_op::Request::Put(pb::PutRequest {
+                            key: key.clone().into_bytes(),
+                            value: invoke[1].to_string().into_bytes(),
+                            ..Default::default()
+                        })),
+                    }],
+                    ..Default::default()
+                };
+                match tokio::time::timeout(timeout, kv.txn(req)).await {
+                    Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke.clone()),
+                    Ok(Ok(_)) => (Kind::Fail, invoke.clone()),
+                    Ok(Err(s)) => (jepsen_lite::drill::write_error_kind(&s), invoke.clone()),
+                    Err(_) => (Kind::Info, invoke.clone()),
+                }
+            }
+        };
+        rec.record(process, kind, f, &key, value);
+        if kind == Kind::Info {
+            process = new_process(&counters);
+        }
+        if kind != Kind::Ok {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(10..60))).await;
+        }
+    }
+    Ok(())
+}
+
+/// After healing: read every key once, linearizably, retrying through
+/// elections.
+async fn final_reads(rec: Recorder, counters: Rc<RefCell<Counters>>, keys: u64) -> turmoil::Result {
+    let kv = kv_client(1);
+    for k in 0..=keys {
+        let key = format!("r{k}");
+        let process = {
+            let mut c = counters.borrow_mut();
+            c.next_process += 1;
+            c.next_process
+        };
+        rec.record(process, Kind::Invoke, F::Read, &key, Value::Null);
+        let got = retry_unavailable(100, || {
+            let mut kv = kv.clone();
+            let key = key.clone().into_bytes();
+            async move { kv.get(pb::GetRequest { key }).await }
+        })
+        .await;
+        match got {
+            Ok(r) => {
+                let v = r.into_inner().kv.map_or(Value::Null, |kv| {
+                    jepsen_lite::drill::decode_value(&kv.value)
+                });
+                rec.record(process, Kind::Ok, F::Read, &key, v);
+            }
+            Err(_) => rec.record(process, Kind::Fail, F::Read, &key, Value::Null),
+        }
+    }
+    Ok(())
+}
+
+/// A fault from the schedule.
+#[derive(Debug, Clone)]
+enum Fault {
+    Isolate(u64),
+    OneWay(u64, u64),
+    Halves(Vec<u64>, Vec<u64>),
+    Crash(u64),
+    SlowLink(u64, u64),
+}
+
+impl Fault {
+    fn pick(rng: &mut StdRng, n: u64) -> Fault {
+        let a = rng.gen_range(1..=n);
+        let b = (a % n) + 1;
+        match rng.gen_range(0..5) {
+            0 => Fault::Isolate(a),
+            1 => Fault::OneWay(a, b),
+            2 => {
+                let mut all: Vec<u64> = (1..=n).collect();
+                for i in (1..all.len()).rev() {
+                    all.swap(i, rng.gen_range(0..=i));
+                }
+                let minority = all.split_off((n / 2 + 1) as usize);
+                Fault::Halves(minority, all)
+            }
+            3 => Fault::Crash(a),
+            _ => Fault::SlowLink(a, b),
+        }
+    }
+
+    fn apply(&self, sim: &mut turmoil::Sim<'_>, n: u64) {
+        match self {
+            Fault::Isolate(a) => {
+                for b in (1..=n).filter(|b| b != a) {
+                    sim.partition(host(*a), host(b));
+                }
+            }
+            Fault::OneWay(a, b) => sim.partition_oneway(host(*a), host(*b)),
+            Fault::Halves(x, y) => {
+                for a in x {
+                    for b in y {
+                        sim.partition(host(*a), host(*b));
+                    }
+                }
+            }
+            Fault::Crash(a) => sim.crash(host(*a)),
+            Fault::SlowLink(a, b) => {
+                sim.set_link_latency(host(*a), host(*b), Duration::from_millis(300))
+            }
+        }
+    }
+
+    fn heal(&self, sim: &mut turmoil::Sim<'_>, n: u64) {
+        match self {
+            Fault::Isolate(a) => {
+                for b in (1..=n).filter(|b| b != a) {
+                    sim.repair(host(*a), host(b));
+                }
+            }
+            Fault::OneWay(a, b) => sim.repair_oneway(host(*a), host(*b)),
+            Fault::Halves(x, y) => {
+                for a in x {
+                    for b in y {
+                        sim.repair(host(*a), host(*b));
+                    }
+                }
+            }
+            Fault::Crash(a) => sim.bounce(host(*a)),
+            Fault::SlowLink(a, b) => {
+                sim.set_link_latency(host(*a), host(*b), Duration::from_millis(5))
+            }
+        }
+    }
+}
+
+/// Runs one seeded simulation and checks it.
+pub fn run(opts: &SimOptions) -> SimOutcome {
+    palisade_group::runtime::seed_thread_rng(opts.seed);
+    let dirs: Vec<tempfile::TempDir> = (0..opts.nodes)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let total = opts.workload + Duration::from_secs(60);
+    let mut sim = builder(opts.seed, total).build();
+    for id in 1..=opts.nodes {
+        let dir = dirs[id as usize - 1].path().to_path_buf();
+        let (n, groups) = (opts.nodes, opts.groups);
+        sim.host(host(id), move || {
+            let config = node_config(id, n, dir.clone(), groups);
+            async move { run_registered_node(config).await }
+        });
+    }
+    REGISTRY.with(|r| r.borrow_mut().clear());
+    let mut invariants = Invariants::default();
+    let mut next_observation = Duration::ZERO;
+    let rec = Recorder::default();
+    let counters = Rc::new(RefCell::new(Counters::default()));
+    // Clients start after a short settling time so the first elections are
+    // part of every history but not all of it.
+    for c in 0..opts.clients {
+        let (rec, counters, n) = (rec.clone(), counters.clone(), opts.nodes);
+        let seed = opts.seed.wrapping_mul(31).wrapping_add(c as u64);
+        let run_for = opts.workload;
+        sim.client(format!("c{c}"), async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            client_loop(rec, counters, n, seed, run_for).await
+        });
+    }
+
+    let mut trace = Vec::new();
+    let mut problems = Vec::new();
+    let mut rng = StdRng::seed_from_u64(opts.seed ^ 0xfa17);
+    let mut active: Option<(Fault, Duration)> = None;
+    let mut next_fault = Duration::from_secs(4);
+    let workload_end = Duration::from_secs(2) + opts.workload;
+    loop {
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                problems.push(format!("simulation error: {e}"));
+                break;
+            }
+        }
+        let now = sim.elapsed();
+        if now >= next_observation {
+            invariants.observe(now, &mut trace, &mut problems);
+            next_observation = now + Duration::from_millis(20);
+        }
+        if let Some((fault, until)) = &active
+            && now >= *until
+        {
+            fault.heal(&mut sim, opts.nodes);
+            trace.push(format!("{:>8} heal {fault:?}", now.as_millis()));
+            active = None;
+            next_fault = now + Duration::from_millis(rng.gen_range(1000..3000));
+        }
+        if opts.faults && active.is_none() && now >= next_fault && now < workload_end {
+            let fault = Fault::pick(&mut rng, opts.nodes);
+            fault.apply(&mut sim, opts.nodes);
+            trace.push(format!("{:>8} apply {fault:?}", now.as_millis()));
+            active = Some((
+                fault,
+                now + Duration::from_millis(rng.gen_range(1500..5000)),
+            ));
+        }
+    }
+    if let Some((fault, _)) = active.take() {
+        fault.heal(&mut sim, opts.nodes);
+        trace.push(format!("{:>8} heal {fault:?}", sim.elapsed().as_millis()));
+    }
+
+    // Everything healed: read every key once more.
+    let keys = counters.borrow().ops / KEY_ROTATION;
+    sim.client("final", final_reads(rec.clone(), counters.clone(), keys));
+    loop {
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                problems.push(format!("simulation error during final reads: {e}"));
+                break;
+            }
+        }
+        let now = sim.elapsed();
+        if now >= next_observation {
+            invariants.observe(now, &mut trace, &mut problems);
+            next_observation = now + Duration::from_millis(20);
+        }
+    }
+    REGISTRY.with(|r| r.borrow_mut().clear());
+    palisade_group::runtime::unseed_thread_rng();
+
+    let history = rec.events.borrow().clone();
+    check_history(&history, &mut problems);
+    SimOutcome {
+        history,
+        trace,
+        problems,
+    }
+}
+
+fn check_history(history: &[Event], problems: &mut Vec<String>) {
+    let text = jepsen_lite::history::to_jsonl(history);
+    match jepsen_lite::history::parse(&text) {
+        Err(e) => problems.push(format!("invalid history: {e}")),
+        Ok(h) => {
+            let report = jepsen_lite::checker::check(&h, jepsen_lite::checker::DEFAULT_BUDGET, 1);
+            if let Some(v) = report.first_violation() {
+                problems.push(format!(
+                    "not linearizable: {}",
+                    jepsen_lite::describe_violation(v)
+                ));
+            }
+            for k in report.unknown() {
+                problems.push(format!("checker budget exceeded on key {}", k.key));
+            }
+            let finals = h.ops.iter().filter(|o| o.f == F::Read).count();
+            if finals == 0 {
+                problems.push("the history has no reads".into());
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Nodes started in this simulation: (node id, incarnation, handle).
+    /// The simulation runs on one thread, so a thread-local is shared by the
+    /// hosts and the driver loop.
+    static REGISTRY: RefCell<Vec<(u64, u64, std::sync::Weak<Node>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Like [`run_node`], but registers the node for invariant observation.
+pub async fn run_registered_node(config: NodeConfig) -> Result<(), Box<dyn std::error::Error>> {
+    let id = config.id;
+    let node = Node::open_with(config, Arc::new(SimConnector)).await?;
+    REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        let incarnation = r.len() as u64;
+        r.push((id, incarnation, Arc::downgrade(&node)));
+    });
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+    node.serve_with_incoming(incoming(listener), std::future::pending())
+        .await?;
+    Ok(())
+}
+
+/// Safety invariants checked on live nodes during a run.
+#[derive(Default)]
+struct Invariants {
+    /// (node, incarnation, group) → last applied index seen.
+    applied: BTreeMap<(u64, u64, u64), u64>,
+    /// (group, index) → leader id of the applied (so committed) entry.
+    committed: BTreeMap<(u64, u64), String>,
+    /// group → (leader, term) last reported, for the trace.
+    leaders: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Invariants {
+    fn observe(&mut self, now: Duration, trace: &mut Vec<String>, problems: &mut Vec<String>) {
+        let live: Vec<(u64, u64, Arc<Node>)> = REGISTRY.with(|r| {
+            r.borrow()
+                .iter()
+                .filter_map(|(id, inc, w)| w.upgrade().map(|n| (*id, *inc, n)))
+                .collect()
+        });
+        for (id, inc, node) in live {
+            for (gid, group) in node.groups() {
+                // Never hold the metrics borrow across an await (none here).
+                let m = group.raft().metrics().borrow().clone();
+                if let Some(applied) = m.last_applied {
+                    let key = (id, inc, *gid);
+                    let prev = self.applied.insert(key, applied.index).unwrap_or(0);
+                    if applied.index < prev {
+                        problems.push(format!(
+                            "node {id} group {gid}: applied index went back from {prev} to {}",
+                            applied.index
+                        ));
+                    }
+                    let leader = applied.leader_id.to_string();
+                    match self.committed.get(&(*gid, applied.index)) {
+                        Some(l) if *l != leader => problems.push(format!(
+                            "group {gid}: committed entry {} changed: leader {l} elsewhere, {leader} on node {id}",
+                            applied.index
+                        )),
+                        Some(_) => {}
+                        None => {
+                            self.committed.insert((*gid, applied.index), leader);
+                        }
+                    }
+                }
+                if m.state == openraft::ServerState::Leader {
+                    let now_leading = (id, m.current_term);
+                    if self.leaders.get(gid) != Some(&now_leading) {
+                        self.leaders.insert(*gid, now_leading);
+                        trace.push(format!(
+                            "{:>8} leader group={gid} node={id} term={}",
+                            now.as_millis(),
+                            m.current_term
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
