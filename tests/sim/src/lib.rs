@@ -121,6 +121,9 @@ pub fn builder(seed: u64, duration: Duration) -> turmoil::Builder {
     b.simulation_duration(duration)
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(10))
+        // Only links given a fail rate (the `Lossy` fault) ever fail; this
+        // is how fast such a link comes back each time.
+        .repair_rate(0.3)
         .rng_seed(seed);
     b
 }
@@ -427,14 +430,20 @@ enum Fault {
     Halves(Vec<u64>, Vec<u64>),
     Crash(u64),
     SlowLink(u64, u64),
+    /// The link drops into random short partitions: bursts of message loss.
+    Lossy(u64, u64),
+    /// The node is cut off and reconnected every 100–400 ms.
+    Flap(u64),
 }
 
 impl Fault {
     fn pick(rng: &mut StdRng, n: u64) -> Fault {
         let a = rng.gen_range(1..=n);
         let b = (a % n) + 1;
-        match rng.gen_range(0..5) {
+        match rng.gen_range(0..7) {
             0 => Fault::Isolate(a),
+            5 => Fault::Lossy(a, b),
+            6 => Fault::Flap(a),
             1 => Fault::OneWay(a, b),
             2 => {
                 let mut all: Vec<u64> = (1..=n).collect();
@@ -468,6 +477,8 @@ impl Fault {
             Fault::SlowLink(a, b) => {
                 sim.set_link_latency(host(*a), host(*b), Duration::from_millis(300))
             }
+            Fault::Lossy(a, b) => sim.set_link_fail_rate(host(*a), host(*b), 0.05),
+            Fault::Flap(a) => Fault::Isolate(*a).apply(sim, n),
         }
     }
 
@@ -490,6 +501,11 @@ impl Fault {
             Fault::SlowLink(a, b) => {
                 sim.set_link_latency(host(*a), host(*b), Duration::from_millis(5))
             }
+            Fault::Lossy(a, b) => {
+                sim.set_link_fail_rate(host(*a), host(*b), 0.0);
+                sim.repair(host(*a), host(*b));
+            }
+            Fault::Flap(a) => Fault::Isolate(*a).heal(sim, n),
         }
     }
 }
@@ -531,6 +547,8 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     let mut problems = Vec::new();
     let mut rng = StdRng::seed_from_u64(opts.seed ^ 0xfa17);
     let mut active: Option<(Fault, Duration)> = None;
+    // For a flapping fault: whether the node is cut off now, and when to toggle.
+    let mut flap: Option<(bool, Duration)> = None;
     let mut next_fault = Duration::from_secs(4);
     let workload_end = Duration::from_secs(2) + opts.workload;
     loop {
@@ -547,18 +565,32 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
             invariants.observe(now, &mut trace, &mut problems);
             next_observation = now + Duration::from_millis(20);
         }
+        if let (Some((Fault::Flap(a), _)), Some((cut, at))) = (&active, flap)
+            && now >= at
+        {
+            if cut {
+                Fault::Isolate(*a).heal(&mut sim, opts.nodes);
+            } else {
+                Fault::Isolate(*a).apply(&mut sim, opts.nodes);
+            }
+            flap = Some((!cut, now + Duration::from_millis(rng.gen_range(100..400))));
+        }
         if let Some((fault, until)) = &active
             && now >= *until
         {
             fault.heal(&mut sim, opts.nodes);
             trace.push(format!("{:>8} heal {fault:?}", now.as_millis()));
             active = None;
+            flap = None;
             next_fault = now + Duration::from_millis(rng.gen_range(1000..3000));
         }
         if opts.faults && active.is_none() && now >= next_fault && now < workload_end {
             let fault = Fault::pick(&mut rng, opts.nodes);
             fault.apply(&mut sim, opts.nodes);
             trace.push(format!("{:>8} apply {fault:?}", now.as_millis()));
+            if matches!(fault, Fault::Flap(_)) {
+                flap = Some((true, now + Duration::from_millis(rng.gen_range(100..400))));
+            }
             active = Some((
                 fault,
                 now + Duration::from_millis(rng.gen_range(1500..5000)),
