@@ -434,13 +434,22 @@ enum Fault {
     Lossy(u64, u64),
     /// The node is cut off and reconnected every 100–400 ms.
     Flap(u64),
+    /// Isolate a node that currently leads some group.
+    IsolateLeader(u64),
+    /// A follower starts elections in every group at once: a leader change
+    /// driven by no clock.
+    Elect(u64),
 }
 
 impl Fault {
-    fn pick(rng: &mut StdRng, n: u64) -> Fault {
+    fn pick(rng: &mut StdRng, n: u64, leaders: &[u64]) -> Fault {
         let a = rng.gen_range(1..=n);
         let b = (a % n) + 1;
-        match rng.gen_range(0..7) {
+        match rng.gen_range(0..9) {
+            7 if !leaders.is_empty() => {
+                Fault::IsolateLeader(leaders[rng.gen_range(0..leaders.len())])
+            }
+            8 => Fault::Elect(a),
             0 => Fault::Isolate(a),
             5 => Fault::Lossy(a, b),
             6 => Fault::Flap(a),
@@ -478,7 +487,8 @@ impl Fault {
                 sim.set_link_latency(host(*a), host(*b), Duration::from_millis(300))
             }
             Fault::Lossy(a, b) => sim.set_link_fail_rate(host(*a), host(*b), 0.05),
-            Fault::Flap(a) => Fault::Isolate(*a).apply(sim, n),
+            Fault::Flap(a) | Fault::IsolateLeader(a) => Fault::Isolate(*a).apply(sim, n),
+            Fault::Elect(a) => ELECT.with(|e| e.borrow_mut().push(*a)),
         }
     }
 
@@ -505,7 +515,8 @@ impl Fault {
                 sim.set_link_fail_rate(host(*a), host(*b), 0.0);
                 sim.repair(host(*a), host(*b));
             }
-            Fault::Flap(a) => Fault::Isolate(*a).heal(sim, n),
+            Fault::Flap(a) | Fault::IsolateLeader(a) => Fault::Isolate(*a).heal(sim, n),
+            Fault::Elect(_) => {}
         }
     }
 }
@@ -527,6 +538,7 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
         });
     }
     REGISTRY.with(|r| r.borrow_mut().clear());
+    ELECT.with(|e| e.borrow_mut().clear());
     let mut invariants = Invariants::default();
     let mut next_observation = Duration::ZERO;
     let rec = Recorder::default();
@@ -585,7 +597,8 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
             next_fault = now + Duration::from_millis(rng.gen_range(1000..3000));
         }
         if opts.faults && active.is_none() && now >= next_fault && now < workload_end {
-            let fault = Fault::pick(&mut rng, opts.nodes);
+            let leaders: Vec<u64> = invariants.leaders.values().map(|(node, _)| *node).collect();
+            let fault = Fault::pick(&mut rng, opts.nodes, &leaders);
             fault.apply(&mut sim, opts.nodes);
             trace.push(format!("{:>8} apply {fault:?}", now.as_millis()));
             if matches!(fault, Fault::Flap(_)) {
@@ -660,6 +673,9 @@ thread_local! {
     /// The simulation runs on one thread, so a thread-local is shared by the
     /// hosts and the driver loop.
     static REGISTRY: RefCell<Vec<(u64, u64, std::sync::Weak<Node>)>> = const { RefCell::new(Vec::new()) };
+    /// Nodes asked to start an election now (a leader change that waits for
+    /// no timeout); drained by each node's control task.
+    static ELECT: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Like [`run_node`], but registers the node for invariant observation.
@@ -670,6 +686,23 @@ pub async fn run_registered_node(config: NodeConfig) -> Result<(), Box<dyn std::
         let mut r = r.borrow_mut();
         let incarnation = r.len() as u64;
         r.push((id, incarnation, Arc::downgrade(&node)));
+    });
+    let control = node.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let asked = ELECT.with(|e| {
+                let mut e = e.borrow_mut();
+                let before = e.len();
+                e.retain(|n| *n != id);
+                e.len() != before
+            });
+            if asked {
+                for group in control.groups().values() {
+                    let _ = group.raft().trigger().elect().await;
+                }
+            }
+        }
     });
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     node.serve_with_incoming(incoming(listener), std::future::pending())
