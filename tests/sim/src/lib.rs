@@ -226,12 +226,12 @@ impl SimOutcome {
             text.push_str(line);
             text.push('\n');
         }
-        palisade_shard_free_hash(text.as_bytes())
+        fnv1a(text.as_bytes())
     }
 }
 
 /// FNV-1a over the bytes (stable across runs and platforms).
-fn palisade_shard_free_hash(bytes: &[u8]) -> u64 {
+fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
