@@ -243,7 +243,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// The command that replays a seed.
 pub fn replay_command(opts: &SimOptions) -> String {
     format!(
-        "PALISADE_SIM_SEED={} cargo test -p palisade-sim --test simulation replay_one_seed -- --nocapture  # nodes={}",
+        "PALISADE_SIM_SEED={} PALISADE_SIM_NODES={} cargo test -p palisade-sim --test simulation replay_one_seed -- --nocapture",
         opts.seed, opts.nodes
     )
 }
