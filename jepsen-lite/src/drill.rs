@@ -195,7 +195,13 @@ fn iptables(args: &[&str]) -> anyhow::Result<()> {
 impl Firewall {
     /// Creates the chain; fails without root or iptables.
     pub fn new() -> anyhow::Result<Self> {
-        let chain = format!("PALISADE-{}", std::process::id());
+        // Unique per firewall: tests in one process may hold several at once.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let chain = format!(
+            "PALISADE-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         iptables(&["-N", &chain])?;
         if let Err(e) = iptables(&["-I", "OUTPUT", "-j", &chain]) {
             let _ = iptables(&["-X", &chain]);
@@ -396,6 +402,7 @@ impl Drill {
                     timeout,
                     kv.get(pb::GetRequest {
                         key: key.clone().into_bytes(),
+                        ..Default::default()
                     }),
                 )
                 .await

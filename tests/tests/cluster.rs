@@ -99,6 +99,7 @@ async fn three_nodes_serve_put_get_scan_txn_over_grpc() {
         let r = raw
             .get(pb::GetRequest {
                 key: b"alpha".to_vec(),
+                ..Default::default()
             })
             .await
             .unwrap()

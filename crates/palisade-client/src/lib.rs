@@ -97,6 +97,79 @@ impl ClientConfig {
     }
 }
 
+/// How fresh a read must be (see `ReadConsistency` in the proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadOptions {
+    pub consistency: pb::ReadConsistency,
+    /// For `BoundedStaleness`.
+    pub max_staleness: Duration,
+    /// Wait for (or be forwarded to) a replica that applied this revision.
+    pub min_revision: u64,
+}
+
+impl ReadOptions {
+    pub fn linearizable() -> Self {
+        Self::default()
+    }
+    pub fn lease() -> Self {
+        Self::level(pb::ReadConsistency::Lease)
+    }
+    /// Read-your-writes and monotonic reads within this client's session.
+    pub fn session() -> Self {
+        Self::level(pb::ReadConsistency::Session)
+    }
+    pub fn stale() -> Self {
+        Self::level(pb::ReadConsistency::Stale)
+    }
+    pub fn bounded(max_staleness: Duration) -> Self {
+        Self {
+            max_staleness,
+            ..Self::level(pb::ReadConsistency::BoundedStaleness)
+        }
+    }
+    fn level(consistency: pb::ReadConsistency) -> Self {
+        Self {
+            consistency,
+            ..Self::default()
+        }
+    }
+    /// Whether the leader must answer (else any replica may).
+    fn needs_leader(&self) -> bool {
+        matches!(
+            self.consistency,
+            pb::ReadConsistency::Linearizable | pb::ReadConsistency::Lease
+        )
+    }
+}
+
+/// Renders a session token as `group:revision,...` (for the CLI).
+pub fn format_session(token: &pb::SessionToken) -> String {
+    token
+        .revisions
+        .iter()
+        .map(|r| format!("{}:{}", r.group_id, r.revision))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses `group:revision,...`.
+pub fn parse_session(text: &str) -> Result<pb::SessionToken, String> {
+    let mut revisions = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (g, r) = part
+            .split_once(':')
+            .ok_or_else(|| format!("session entry '{part}' is not GROUP:REVISION"))?;
+        let group_id = g
+            .parse()
+            .map_err(|_| format!("group '{g}' is not a number"))?;
+        let revision = r
+            .parse()
+            .map_err(|_| format!("revision '{r}' is not a number"))?;
+        revisions.push(pb::GroupRevision { group_id, revision });
+    }
+    Ok(pb::SessionToken { revisions })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Read,
@@ -123,6 +196,8 @@ struct Inner {
     /// they can forget older results.
     inflight: Mutex<BTreeSet<u64>>,
     next_endpoint: AtomicUsize,
+    /// Highest revision seen per group (writes and reads): the session.
+    session: Mutex<BTreeMap<u64, u64>>,
 }
 
 fn normalize(addr: &str) -> String {
@@ -164,6 +239,7 @@ impl Client {
                 next_seq: AtomicU64::new(1),
                 inflight: Mutex::default(),
                 next_endpoint: AtomicUsize::new(0),
+                session: Mutex::default(),
             }),
         };
         client.cluster_status().await?;
@@ -222,6 +298,40 @@ impl Client {
         let Some(h) = header else { return };
         if let Some(addr) = Self::lock(&self.inner.nodes).get(&h.node_id).cloned() {
             Self::lock(&self.inner.leaders).insert(group, addr);
+        }
+    }
+
+    /// Merges a revision the client has seen into its session.
+    fn observe(&self, header: Option<&pb::ResponseHeader>) {
+        if let Some(h) = header
+            && h.group_id != 0
+        {
+            let mut session = Self::lock(&self.inner.session);
+            let r = session.entry(h.group_id).or_default();
+            *r = (*r).max(h.revision);
+        }
+    }
+
+    /// This client's session token: the highest revision it has written or
+    /// read in each group. SESSION reads send it automatically.
+    pub fn session_token(&self) -> pb::SessionToken {
+        pb::SessionToken {
+            revisions: Self::lock(&self.inner.session)
+                .iter()
+                .map(|(g, r)| pb::GroupRevision {
+                    group_id: *g,
+                    revision: *r,
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds a token (e.g. from another client or process) to the session.
+    pub fn merge_session(&self, token: &pb::SessionToken) {
+        let mut session = Self::lock(&self.inner.session);
+        for r in &token.revisions {
+            let e = session.entry(r.group_id).or_default();
+            *e = (*e).max(r.revision);
         }
     }
 
@@ -365,26 +475,51 @@ impl Client {
             )
             .await;
         self.end_write(&id);
-        if let (Some(g), Ok(r)) = (group, &res) {
-            self.remember_leader(g, r.header.as_ref());
+        if let Ok(r) = &res {
+            self.observe(r.header.as_ref());
+            if let Some(g) = group {
+                self.remember_leader(g, r.header.as_ref());
+            }
         }
         res
     }
 
     /// Reads `key` (linearizable).
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<pb::GetResponse, Error> {
-        let req = pb::GetRequest { key: key.into() };
+        self.get_with(key, ReadOptions::default()).await
+    }
+
+    /// Reads `key` at the given consistency. SESSION reads carry this
+    /// client's session token; reads that need no leader go to any node.
+    pub async fn get_with(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: ReadOptions,
+    ) -> Result<pb::GetResponse, Error> {
+        let req = pb::GetRequest {
+            key: key.into(),
+            consistency: opts.consistency as i32,
+            max_staleness_ms: opts.max_staleness.as_millis() as u64,
+            session: (opts.consistency == pb::ReadConsistency::Session)
+                .then(|| self.session_token()),
+            min_revision: opts.min_revision,
+        };
         let group = self.group_for_key(&req.key);
+        let route = if opts.needs_leader() { group } else { None };
         let res = self
             .call(
-                group,
+                route,
                 Kind::Read,
                 req,
                 |mut c, r| async move { c.get(r).await },
             )
             .await;
-        if let (Some(g), Ok(r)) = (group, &res) {
-            self.remember_leader(g, r.header.as_ref());
+        if let Ok(r) = &res {
+            // Monotonic reads: later SESSION reads never go below this.
+            self.observe(r.header.as_ref());
+            if let (Some(g), true) = (group, opts.needs_leader()) {
+                self.remember_leader(g, r.header.as_ref());
+            }
         }
         res
     }
@@ -404,18 +539,32 @@ impl Client {
             })
             .await;
         self.end_write(&id);
+        if let Ok(r) = &res {
+            self.observe(r.header.as_ref());
+        }
         res
     }
 
-    /// Scans a range or prefix across all groups.
-    pub async fn scan(&self, req: pb::ScanRequest) -> Result<pb::ScanResponse, Error> {
-        self.call(
-            None,
-            Kind::Read,
-            req,
-            |mut c, r| async move { c.scan(r).await },
-        )
-        .await
+    /// Scans a range or prefix across all groups. A SESSION scan without a
+    /// token gets this client's session token.
+    pub async fn scan(&self, mut req: pb::ScanRequest) -> Result<pb::ScanResponse, Error> {
+        if req.consistency == pb::ReadConsistency::Session as i32 && req.session.is_none() {
+            req.session = Some(self.session_token());
+        }
+        let res = self
+            .call(
+                None,
+                Kind::Read,
+                req,
+                |mut c, r| async move { c.scan(r).await },
+            )
+            .await;
+        if let Ok(r) = &res {
+            for h in &r.group_headers {
+                self.observe(Some(h));
+            }
+        }
+        res
     }
 
     /// All keys starting with `prefix`, up to `limit` (0: server default).
@@ -452,6 +601,9 @@ impl Client {
             )
             .await;
         self.end_write(&id);
+        if let Ok(r) = &res {
+            self.observe(r.header.as_ref());
+        }
         res
     }
 
@@ -489,7 +641,10 @@ impl Client {
                     value: new.into(),
                     ..Default::default()
                 }))],
-                failure: vec![op(pb::request_op::Request::Get(pb::GetRequest { key }))],
+                failure: vec![op(pb::request_op::Request::Get(pb::GetRequest {
+                    key,
+                    ..Default::default()
+                }))],
                 request_id: None,
             })
             .await?;

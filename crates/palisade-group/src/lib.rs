@@ -178,6 +178,62 @@ impl RaftGroup {
         }
     }
 
+    /// The leader's read index: confirms leadership with a quorum (like
+    /// [`Self::read_index`]) but does not wait for the local apply. Every
+    /// entry committed before the call has an index at most this.
+    pub async fn leader_read_index(&self, timeout: Duration) -> Result<u64, GroupError> {
+        match tokio::time::timeout(timeout, self.raft.get_read_log_id()).await {
+            Err(_) => Err(GroupError::NoQuorum {
+                group: self.id,
+                reason: format!("leadership not confirmed within {timeout:?}"),
+            }),
+            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(GroupError::NotLeader {
+                    group: self.id,
+                    leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+                })
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(GroupError::NoQuorum {
+                    group: self.id,
+                    reason: q.to_string(),
+                })
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
+                group: self.id,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Waits up to `timeout` until this replica has applied `index`; returns
+    /// whether it has.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        if self.state.revision() >= index {
+            return true;
+        }
+        let waited = self
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read waits for apply")
+            .await
+            .is_ok();
+        waited || self.state.revision() >= index
+    }
+
+    /// Whether this node leads the group and heard from a quorum less than
+    /// `lease` ago. Followers do not start an election until at least the
+    /// minimum election timeout after the last heartbeat they acknowledged,
+    /// so within a lease shorter than that (minus a margin for clock drift)
+    /// no other leader can have committed anything.
+    pub fn lease_holds(&self, lease: Duration) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader
+            && m.millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) < lease.as_millis())
+    }
+
     /// The leader this node currently knows of, with its address.
     pub fn leader(&self) -> Option<(NodeId, Option<String>)> {
         // Never hold the metrics borrow across an await.

@@ -91,6 +91,9 @@ pub struct NodeConfig {
     /// How writes are made durable: a group-commit thread (production) or
     /// synchronously on the caller (deterministic simulation).
     pub flush_mode: palisade_storage::FlushMode,
+    /// How long a SESSION (or min_revision) read waits for this replica to
+    /// catch up before forwarding or answering UNAVAILABLE.
+    pub session_wait: Duration,
 }
 
 impl NodeConfig {
@@ -117,6 +120,7 @@ impl NodeConfig {
             cache_bytes: palisade_storage::DEFAULT_CACHE_BYTES,
             unsafe_local_reads: false,
             flush_mode: palisade_storage::FlushMode::Thread,
+            session_wait: Duration::from_secs(1),
         }
     }
 
@@ -150,6 +154,14 @@ impl NodeConfig {
             return bad("key and value limits must be positive".into());
         }
         Ok(())
+    }
+
+    /// The leader lease for LEASE reads: the minimum election timeout minus a
+    /// margin of 30% of it for clock drift and scheduling delays. Followers
+    /// will not elect a new leader sooner than the minimum election timeout
+    /// after the last heartbeat they acknowledged.
+    pub fn lease(&self) -> Duration {
+        self.timings.election_min.mul_f64(0.7)
     }
 
     /// This node's advertised address.

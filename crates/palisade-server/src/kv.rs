@@ -19,7 +19,18 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::error::{ServerError, error_detail, not_leader_status, unknown_outcome_status};
 use crate::node::Node;
+use crate::read::{self, ReadParams, Receipt};
 use crate::validate;
+
+/// The session token covering a write at `revision` in `group`.
+fn write_token(group: u64, revision: u64) -> Option<pb::SessionToken> {
+    Some(pb::SessionToken {
+        revisions: vec![pb::GroupRevision {
+            group_id: group,
+            revision,
+        }],
+    })
+}
 
 /// Metadata header marking a request forwarded by another node.
 pub const FORWARDED: &str = "x-palisade-forwarded";
@@ -61,6 +72,21 @@ impl KvService {
             group_id: group.id(),
             revision,
             term: group.raft().metrics().borrow().current_term,
+            ..Default::default()
+        }
+    }
+
+    fn read_header(
+        &self,
+        group: &RaftGroup,
+        revision: u64,
+        receipt: Receipt,
+    ) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            consistency: receipt.level as i32,
+            staleness_bound_ms: receipt.staleness_bound_ms,
+            staleness_unbounded: receipt.unbounded,
+            ..self.header(group, revision)
         }
     }
 
@@ -152,13 +178,20 @@ impl KvService {
         req: &pb::ScanRequest,
         forwarded: bool,
     ) -> Result<pb::ScanResponse, Status> {
-        match group.read_index(self.node.config.read_timeout).await {
-            Ok(()) => {
+        let params = ReadParams::parse(
+            req.consistency,
+            req.max_staleness_ms,
+            req.session.as_ref(),
+            req.min_revision,
+            group.id(),
+        )?;
+        match read::prepare(&self.node, group, &params).await {
+            Ok(receipt) => {
                 let res = group
                     .state()
                     .scan(&range.start, range.end.as_deref(), range.limit)
                     .map_err(ServerError::from)?;
-                let header = self.header(group, res.revision);
+                let header = self.read_header(group, res.revision, receipt);
                 Ok(pb::ScanResponse {
                     header: Some(header),
                     kvs: res
@@ -220,6 +253,7 @@ impl Kv for KvService {
                 Ok(Response::new(pb::PutResponse {
                     header: Some(self.header(group, res.revision)),
                     prev_kv: prev_kv(&req.key, req.prev_kv, prev),
+                    session: write_token(group.id(), res.revision),
                 }))
             }
             Err(e) => {
@@ -245,16 +279,28 @@ impl Kv for KvService {
         let req = request.into_inner();
         validate::check_key(&self.node.config.limits, &req.key)?;
         let group = self.node.group_for_key(&req.key)?;
-        let confirmed = if self.node.config.unsafe_local_reads {
-            Ok(())
+        let params = ReadParams::parse(
+            req.consistency,
+            req.max_staleness_ms,
+            req.session.as_ref(),
+            req.min_revision,
+            group.id(),
+        )?;
+        let prepared = if self.node.config.unsafe_local_reads {
+            // Test-only: answer locally whatever was asked (positive control).
+            Ok(Receipt {
+                level: params.level,
+                staleness_bound_ms: 0,
+                unbounded: false,
+            })
         } else {
-            group.read_index(self.node.config.read_timeout).await
+            read::prepare(&self.node, group, &params).await
         };
-        match confirmed {
-            Ok(()) => {
+        match prepared {
+            Ok(receipt) => {
                 let (record, revision) = group.state().get(&req.key).map_err(ServerError::from)?;
                 Ok(Response::new(pb::GetResponse {
-                    header: Some(self.header(group, revision)),
+                    header: Some(self.read_header(group, revision, receipt)),
                     kv: record.map(|r| kv(req.key, r, false)),
                 }))
             }
@@ -292,6 +338,7 @@ impl Kv for KvService {
                     header: Some(self.header(group, res.revision)),
                     deleted: u64::from(prev.is_some()),
                     prev_kv: prev_kv(&req.key, req.prev_kv, prev),
+                    session: write_token(group.id(), res.revision),
                 }))
             }
             Err(e) => {
@@ -357,7 +404,7 @@ impl Kv for KvService {
             } else {
                 0
             },
-            term: 0,
+            ..Default::default()
         };
         Ok(Response::new(pb::ScanResponse {
             header: Some(header),
@@ -407,6 +454,7 @@ impl Kv for KvService {
             header: Some(header),
             succeeded: res.succeeded,
             responses,
+            session: write_token(group.id(), res.revision),
         }))
     }
 }
@@ -437,11 +485,13 @@ fn op_response(op: &pb::RequestOp, result: OpResult, header: pb::ResponseHeader)
         (Some(Rq::Put(p)), OpResult::Put { prev }) => Rs::Put(pb::PutResponse {
             header: Some(header),
             prev_kv: prev_kv(&p.key, p.prev_kv, prev),
+            session: None,
         }),
         (Some(Rq::Delete(d)), OpResult::Delete { prev }) => Rs::Delete(pb::DeleteResponse {
             header: Some(header),
             deleted: u64::from(prev.is_some()),
             prev_kv: prev_kv(&d.key, d.prev_kv, prev),
+            session: None,
         }),
         (Some(Rq::Get(g)), OpResult::Get { record }) => Rs::Get(pb::GetResponse {
             header: Some(header),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod kv;
 pub mod node;
 pub mod peer;
+pub mod read;
 pub mod validate;
 
 pub use config::{Limits, NodeConfig, RaftTimings, parse_peers};

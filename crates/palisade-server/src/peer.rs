@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use palisade_group::{NodeId, TypeConfig};
 use palisade_proto::v1::peer_server::Peer;
-use palisade_proto::v1::{NodeStatusRequest, NodeStatusResponse, RaftMessage};
+use palisade_proto::v1::{
+    NodeStatusRequest, NodeStatusResponse, RaftMessage, ReadIndexRequest, ReadIndexResponse,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -68,6 +70,18 @@ impl Peer for PeerService {
         let req: openraft::raft::InstallSnapshotRequest<TypeConfig> = decode(&msg)?;
         let result = group.raft().install_snapshot(req).await;
         reply(msg.group_id, &result)
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let group = self.node.group(request.get_ref().group_id)?;
+        let index = group
+            .leader_read_index(self.node.config.read_timeout)
+            .await
+            .map_err(crate::error::ServerError::from)?;
+        Ok(Response::new(ReadIndexResponse { index }))
     }
 
     async fn node_status(

@@ -294,7 +294,7 @@ mod tests {
             prefix,
             limit,
             keys_only: false,
-            group_id: 0,
+            ..Default::default()
         };
         let r = scan_range(&l, &scan(b"a", b"c", false, 0)).unwrap();
         assert_eq!(

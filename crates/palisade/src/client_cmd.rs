@@ -28,12 +28,35 @@ impl Conn {
     }
 }
 
+/// Read consistency levels on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Level {
+    Linearizable,
+    Lease,
+    Session,
+    Bounded,
+    Stale,
+}
+
 #[derive(Args)]
 pub struct GetArgs {
     pub key: String,
     /// Print the key's metadata and the consistency receipt as JSON.
     #[arg(long)]
     pub json: bool,
+    /// How fresh the read must be.
+    #[arg(long, value_enum, default_value = "linearizable")]
+    pub consistency: Level,
+    /// For --consistency bounded: the staleness allowed, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub max_staleness_ms: u64,
+    /// A session token (`group:revision,...`, as printed by put/del/txn) for
+    /// --consistency session: the read sees at least those writes.
+    #[arg(long, value_parser = palisade_client::parse_session)]
+    pub session: Option<pb::SessionToken>,
+    /// Only answer from a replica that has applied this revision.
+    #[arg(long, default_value_t = 0)]
+    pub min_revision: u64,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -130,9 +153,43 @@ fn receipt(h: Option<&pb::ResponseHeader>) -> String {
     }
 }
 
+fn read_receipt(h: &pb::ResponseHeader) -> String {
+    let level = pb::ReadConsistency::try_from(h.consistency)
+        .map(|l| l.as_str_name())
+        .unwrap_or("?");
+    let staleness = if h.staleness_unbounded {
+        "unbounded".to_string()
+    } else {
+        format!("<={}ms", h.staleness_bound_ms)
+    };
+    format!(
+        "{} consistency={level} staleness={staleness}",
+        receipt(Some(h))
+    )
+}
+
+fn token_suffix(token: Option<&pb::SessionToken>) -> String {
+    token.map_or(String::new(), |t| {
+        format!(" session={}", palisade_client::format_session(t))
+    })
+}
+
 pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client().await?;
-    let resp = client.get(args.key.clone()).await?;
+    if let Some(token) = &args.session {
+        client.merge_session(token);
+    }
+    let mut opts = match args.consistency {
+        Level::Linearizable => palisade_client::ReadOptions::linearizable(),
+        Level::Lease => palisade_client::ReadOptions::lease(),
+        Level::Session => palisade_client::ReadOptions::session(),
+        Level::Bounded => palisade_client::ReadOptions::bounded(std::time::Duration::from_millis(
+            args.max_staleness_ms,
+        )),
+        Level::Stale => palisade_client::ReadOptions::stale(),
+    };
+    opts.min_revision = args.min_revision;
+    let resp = client.get_with(args.key.clone(), opts).await?;
     let header = resp.header.unwrap_or_default();
     if args.json {
         let kv = resp.kv.as_ref().map(|kv| {
@@ -151,6 +208,9 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
                 "group_id": header.group_id,
                 "revision": header.revision,
                 "term": header.term,
+                "consistency": pb::ReadConsistency::try_from(header.consistency).map(|l| l.as_str_name()).unwrap_or("?"),
+                "staleness_bound_ms": header.staleness_bound_ms,
+                "staleness_unbounded": header.staleness_unbounded,
             },
         });
         println!("{out}");
@@ -166,7 +226,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            eprintln!("key {:?} not found ({})", args.key, receipt(Some(&header)));
+            eprintln!("key {:?} not found ({})", args.key, read_receipt(&header));
             Ok(ExitCode::FAILURE)
         }
     }
@@ -175,14 +235,23 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
 pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client().await?;
     let resp = client.put(args.key, args.value).await?;
-    println!("OK {}", receipt(resp.header.as_ref()));
+    println!(
+        "OK {}{}",
+        receipt(resp.header.as_ref()),
+        token_suffix(resp.session.as_ref())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn del(args: DelArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client().await?;
     let resp = client.delete(args.key).await?;
-    println!("deleted {} {}", resp.deleted, receipt(resp.header.as_ref()));
+    println!(
+        "deleted {} {}{}",
+        resp.deleted,
+        receipt(resp.header.as_ref()),
+        token_suffix(resp.session.as_ref())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -237,7 +306,11 @@ pub async fn txn(args: TxnArgs) -> anyhow::Result<ExitCode> {
             };
             let (swapped, resp) = client.compare_and_swap(key, expected, new).await?;
             if swapped {
-                println!("SWAPPED {}", receipt(resp.header.as_ref()));
+                println!(
+                    "SWAPPED {}{}",
+                    receipt(resp.header.as_ref()),
+                    token_suffix(resp.session.as_ref())
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             let current = resp.responses.first().and_then(|r| match &r.response {

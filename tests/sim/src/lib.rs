@@ -318,6 +318,7 @@ async fn client_loop(
                 timeout,
                 kv.get(pb::GetRequest {
                     key: key.clone().into_bytes(),
+                    ..Default::default()
                 }),
             )
             .await
@@ -406,7 +407,13 @@ async fn final_reads(rec: Recorder, counters: Rc<RefCell<Counters>>, keys: u64) 
         let got = retry_unavailable(100, || {
             let mut kv = kv.clone();
             let key = key.clone().into_bytes();
-            async move { kv.get(pb::GetRequest { key }).await }
+            async move {
+                kv.get(pb::GetRequest {
+                    key,
+                    ..Default::default()
+                })
+                .await
+            }
         })
         .await;
         match got {

@@ -53,7 +53,13 @@ fn three_simulated_nodes_serve_reads_and_writes() {
                 let got = retry_unavailable(50, || {
                     let mut kv = kv.clone();
                     let key = key.clone();
-                    async move { kv.get(pb::GetRequest { key }).await }
+                    async move {
+                        kv.get(pb::GetRequest {
+                            key,
+                            ..Default::default()
+                        })
+                        .await
+                    }
                 })
                 .await?
                 .into_inner();

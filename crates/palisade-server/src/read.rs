@@ -1,0 +1,244 @@
+//! Read consistency: for one read of one group, decide whether this replica
+//! may answer from its local state, and what it can vouch for (the receipt).
+//!
+//! | level               | this replica answers when…                                   | receipt                  |
+//! |---------------------|--------------------------------------------------------------|--------------------------|
+//! | `LINEARIZABLE`      | it leads the group and ReadIndex confirmed it (else forward)  | 0 ms behind              |
+//! | `LEASE`             | it leads and its lease holds; else ReadIndex as above         | LEASE or LINEARIZABLE    |
+//! | `SESSION`           | it has applied the session's revision (waits, then forwards)  | unbounded, ≥ the session |
+//! | `BOUNDED_STALENESS` | it fetched the leader's read index at t0, applied it, and     | now − t0                 |
+//! |                     | now − t0 ≤ d (else forwards)                                  |                          |
+//! | `STALE`             | always                                                        | unbounded                |
+//!
+//! On top of every level, `min_revision` (and a session's revision) makes
+//! the replica wait a bounded time until it has applied that revision.
+//! "Forward" means the read is sent one hop to the leader, which applies the
+//! same rules; a replica never answers with older data than promised.
+
+use std::time::{Duration, Instant};
+
+use palisade_group::{GroupError, RaftGroup};
+use palisade_proto::v1 as pb;
+use palisade_proto::v1::ReadConsistency;
+use palisade_proto::v1::peer_client::PeerClient;
+
+use crate::error::ServerError;
+use crate::node::Node;
+
+/// What a read asks for, for one group.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadParams {
+    pub level: ReadConsistency,
+    pub max_staleness: Duration,
+    /// The replica must have applied at least this revision.
+    pub required: u64,
+}
+
+impl ReadParams {
+    /// Validates the read options of a request for `group`.
+    pub fn parse(
+        level: i32,
+        max_staleness_ms: u64,
+        session: Option<&pb::SessionToken>,
+        min_revision: u64,
+        group: u64,
+    ) -> Result<Self, ServerError> {
+        let level = ReadConsistency::try_from(level).map_err(|_| {
+            ServerError::InvalidArgument(format!("unknown read consistency {level}"))
+        })?;
+        if level == ReadConsistency::BoundedStaleness && max_staleness_ms == 0 {
+            return Err(ServerError::InvalidArgument(
+                "BOUNDED_STALENESS needs max_staleness_ms > 0".into(),
+            ));
+        }
+        let from_session = session
+            .into_iter()
+            .flat_map(|s| &s.revisions)
+            .filter(|r| r.group_id == group)
+            .map(|r| r.revision)
+            .max()
+            .unwrap_or(0);
+        Ok(Self {
+            level,
+            max_staleness: Duration::from_millis(max_staleness_ms),
+            required: from_session.max(min_revision),
+        })
+    }
+}
+
+/// What the replica vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub level: ReadConsistency,
+    pub staleness_bound_ms: u64,
+    pub unbounded: bool,
+}
+
+impl Receipt {
+    fn exact(level: ReadConsistency) -> Self {
+        Self {
+            level,
+            staleness_bound_ms: 0,
+            unbounded: false,
+        }
+    }
+
+    fn unbounded(level: ReadConsistency) -> Self {
+        Self {
+            level,
+            staleness_bound_ms: 0,
+            unbounded: true,
+        }
+    }
+}
+
+/// Sends the read to the leader (the caller forwards on `NotLeader`).
+fn go_to_leader(group: &RaftGroup) -> GroupError {
+    GroupError::NotLeader {
+        group: group.id(),
+        leader: group.leader(),
+    }
+}
+
+/// Decides whether this replica may answer; see the module doc.
+pub async fn prepare(
+    node: &Node,
+    group: &RaftGroup,
+    params: &ReadParams,
+) -> Result<Receipt, GroupError> {
+    let read_timeout = node.config.read_timeout;
+    let receipt = match params.level {
+        ReadConsistency::Linearizable => {
+            group.read_index(read_timeout).await?;
+            Receipt::exact(ReadConsistency::Linearizable)
+        }
+        ReadConsistency::Lease => {
+            if group.lease_holds(node.config.lease()) {
+                Receipt::exact(ReadConsistency::Lease)
+            } else {
+                group.read_index(read_timeout).await?;
+                Receipt::exact(ReadConsistency::Linearizable)
+            }
+        }
+        ReadConsistency::Session | ReadConsistency::Stale => Receipt::unbounded(params.level),
+        ReadConsistency::BoundedStaleness => bounded(node, group, params.max_staleness).await?,
+    };
+    if group.state().revision() < params.required {
+        let wait = node.config.session_wait;
+        if !group.wait_applied(params.required, wait).await {
+            return Err(if group.is_leader() {
+                GroupError::NoQuorum {
+                    group: group.id(),
+                    reason: format!(
+                        "this replica has applied revision {} < {} required by the read after waiting {wait:?}",
+                        group.state().revision(),
+                        params.required
+                    ),
+                }
+            } else {
+                go_to_leader(group)
+            });
+        }
+    }
+    Ok(receipt)
+}
+
+/// BOUNDED_STALENESS: fetch the leader's read index at t0, wait to apply it;
+/// everything committed before t0 is then visible, so the answer is at most
+/// now − t0 old, measured on this node's monotonic clock alone.
+async fn bounded(node: &Node, group: &RaftGroup, max: Duration) -> Result<Receipt, GroupError> {
+    let t0 = Instant::now();
+    let index = leader_read_index(node, group, max).await?;
+    let left = max.saturating_sub(t0.elapsed());
+    if !group.wait_applied(index, left).await {
+        return Err(go_to_leader(group));
+    }
+    let bound = t0.elapsed();
+    if bound > max {
+        return Err(go_to_leader(group));
+    }
+    Ok(Receipt {
+        level: ReadConsistency::BoundedStaleness,
+        staleness_bound_ms: bound.as_millis().max(1) as u64,
+        unbounded: false,
+    })
+}
+
+/// The group leader's read index, asked locally or over the peer protocol.
+async fn leader_read_index(
+    node: &Node,
+    group: &RaftGroup,
+    timeout: Duration,
+) -> Result<u64, GroupError> {
+    match group.leader() {
+        Some((id, _)) if id == node.id() => group.leader_read_index(timeout).await,
+        Some((id, Some(addr))) => {
+            let unreachable = |why: String| GroupError::NoQuorum {
+                group: group.id(),
+                reason: format!("read index from leader {id}: {why}"),
+            };
+            let channel = node
+                .channels
+                .get(id, &addr)
+                .map_err(|e| unreachable(e.to_string()))?;
+            let mut req = tonic::Request::new(pb::ReadIndexRequest {
+                group_id: group.id(),
+            });
+            req.set_timeout(timeout);
+            match tokio::time::timeout(timeout, PeerClient::new(channel).read_index(req)).await {
+                Ok(Ok(r)) => Ok(r.into_inner().index),
+                Ok(Err(status)) => {
+                    node.channels.drop_channel(id);
+                    Err(unreachable(status.message().to_string()))
+                }
+                Err(_) => {
+                    node.channels.drop_channel(id);
+                    Err(unreachable(format!("no answer within {timeout:?}")))
+                }
+            }
+        }
+        _ => Err(GroupError::NoQuorum {
+            group: group.id(),
+            reason: "no leader known".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(pairs: &[(u64, u64)]) -> pb::SessionToken {
+        pb::SessionToken {
+            revisions: pairs
+                .iter()
+                .map(|(g, r)| pb::GroupRevision {
+                    group_id: *g,
+                    revision: *r,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn params_take_the_session_revision_of_their_group() {
+        let t = token(&[(1, 40), (2, 7), (1, 42)]);
+        let p = ReadParams::parse(ReadConsistency::Session as i32, 0, Some(&t), 0, 1).unwrap();
+        assert_eq!(p.required, 42);
+        let p = ReadParams::parse(ReadConsistency::Session as i32, 0, Some(&t), 50, 2).unwrap();
+        assert_eq!(p.required, 50, "min_revision wins when higher");
+        let p = ReadParams::parse(ReadConsistency::Stale as i32, 0, Some(&t), 0, 3).unwrap();
+        assert_eq!(p.required, 0);
+    }
+
+    #[test]
+    fn params_are_validated() {
+        assert!(ReadParams::parse(99, 0, None, 0, 1).is_err());
+        let e =
+            ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 0, None, 0, 1).unwrap_err();
+        assert!(e.to_string().contains("max_staleness_ms"));
+        assert!(
+            ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 100, None, 0, 1).is_ok()
+        );
+    }
+}
