@@ -1,7 +1,7 @@
 //! Quick latency loop (the real benchmark is `palisade bench`, to come):
 //!
 //! ```sh
-//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get] [CLIENTS]
+//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get|get-lease|get-session|get-bounded|get-stale] [CLIENTS]
 //! cargo run --release -p palisade-client --example put_loop -- 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 5000 put 1
 //! ```
 //!
@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use palisade_client::Client;
+use palisade_client::{Client, ReadOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,7 +20,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".into());
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2000);
-    let reads = args.next().as_deref() == Some("get");
+    let mode = args.next().unwrap_or_else(|| "put".into());
+    let reads = mode.starts_with("get");
+    let opts = match mode.as_str() {
+        "get-lease" => ReadOptions::lease(),
+        "get-session" => ReadOptions::session(),
+        "get-stale" => ReadOptions::stale(),
+        "get-bounded" => ReadOptions::bounded(Duration::from_millis(500)),
+        _ => ReadOptions::linearizable(),
+    };
     let clients: usize = args
         .next()
         .map(|s| s.parse())
@@ -45,7 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let key = format!("{:08}", (c * ops + i) % 200);
                 let t = Instant::now();
                 let res = if reads {
-                    client.get(key).await.map(|_| ())
+                    client.get_with(key, opts).await.map(|_| ())
                 } else {
                     client.put(key, value.clone()).await.map(|_| ())
                 };
@@ -65,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{} {}, {clients} clients, 256 B values: {:.0} ops/s  p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
         lat.len(),
-        if reads { "linearizable gets" } else { "puts" },
+        if reads { mode.as_str() } else { "puts" },
         lat.len() as f64 / total.as_secs_f64(),
         pct(0.50),
         pct(0.90),
