@@ -358,6 +358,37 @@ pub fn write_error_kind(status: &tonic::Status) -> Kind {
     }
 }
 
+/// The register workload's compare-and-set as a transaction: set `key` to
+/// `new` if its value is `expected` (`null`: if the key does not exist).
+/// Values are stored as their JSON text.
+pub fn cas_request(key: &str, expected: &Value, new: &Value) -> pb::TxnRequest {
+    use pb::compare::{Op, Operand, Target};
+    let (target, operand) = if expected.is_null() {
+        (Target::Exists, Operand::Exists(false))
+    } else {
+        (
+            Target::Value,
+            Operand::Value(expected.to_string().into_bytes()),
+        )
+    };
+    pb::TxnRequest {
+        compare: vec![pb::Compare {
+            key: key.as_bytes().to_vec(),
+            target: target as i32,
+            op: Op::Equal as i32,
+            operand: Some(operand),
+        }],
+        success: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::Put(pb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: new.to_string().into_bytes(),
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    }
+}
+
 /// A stored value as a history value (numbers stay numbers).
 pub fn decode_value(bytes: &[u8]) -> Value {
     let text = String::from_utf8_lossy(bytes);
@@ -431,34 +462,7 @@ impl Drill {
                     }
                 }
                 F::Cas => {
-                    use pb::compare::{Op, Operand, Target};
-                    let (expected, new) = (&invoke_value[0], &invoke_value[1]);
-                    let compare = if expected.is_null() {
-                        pb::Compare {
-                            key: key.clone().into_bytes(),
-                            target: Target::Exists as i32,
-                            op: Op::Equal as i32,
-                            operand: Some(Operand::Exists(false)),
-                        }
-                    } else {
-                        pb::Compare {
-                            key: key.clone().into_bytes(),
-                            target: Target::Value as i32,
-                            op: Op::Equal as i32,
-                            operand: Some(Operand::Value(expected.to_string().into_bytes())),
-                        }
-                    };
-                    let req = pb::TxnRequest {
-                        compare: vec![compare],
-                        success: vec![pb::RequestOp {
-                            request: Some(pb::request_op::Request::Put(pb::PutRequest {
-                                key: key.clone().into_bytes(),
-                                value: new.to_string().into_bytes(),
-                                ..Default::default()
-                            })),
-                        }],
-                        ..Default::default()
-                    };
+                    let req = cas_request(&key, &invoke_value[0], &invoke_value[1]);
                     match tokio::time::timeout(timeout, kv.txn(req)).await {
                         Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke_value.clone()),
                         Ok(Ok(_)) => (Kind::Fail, invoke_value.clone()),

@@ -32,6 +32,9 @@ pub use network::{Connector, PeerChannels, PeerNetwork, TcpConnector};
 pub use state_machine::StateMachine;
 pub use types::*;
 
+/// The result of an openraft leadership check (ReadIndex).
+type LeadershipCheck<T> = Result<T, RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>>;
+
 /// A replica's view of its group, for status reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicaState {
@@ -153,41 +156,31 @@ impl RaftGroup {
     /// has applied everything committed before the call. Reads of the state
     /// after this are linearizable.
     pub async fn read_index(&self, timeout: Duration) -> Result<(), GroupError> {
-        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(GroupError::NoQuorum {
-                group: self.id,
-                reason: format!("leadership not confirmed within {timeout:?}"),
-            }),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(GroupError::NotLeader {
-                    group: self.id,
-                    leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
-                })
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
-                Err(GroupError::NoQuorum {
-                    group: self.id,
-                    reason: q.to_string(),
-                })
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
-                group: self.id,
-                reason: e.to_string(),
-            }),
-        }
+        let read = tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await;
+        self.leadership_checked(read, timeout).map(|_| ())
     }
 
     /// The leader's read index: confirms leadership with a quorum (like
     /// [`Self::read_index`]) but does not wait for the local apply. Every
     /// entry committed before the call has an index at most this.
     pub async fn leader_read_index(&self, timeout: Duration) -> Result<u64, GroupError> {
-        match tokio::time::timeout(timeout, self.raft.get_read_log_id()).await {
+        let read = tokio::time::timeout(timeout, self.raft.get_read_log_id()).await;
+        self.leadership_checked(read, timeout)
+            .map(|(read, _applied)| read.map_or(0, |l| l.index))
+    }
+
+    /// Maps the outcome of a leadership check (with its timeout) to ours.
+    fn leadership_checked<T>(
+        &self,
+        outcome: Result<LeadershipCheck<T>, tokio::time::error::Elapsed>,
+        timeout: Duration,
+    ) -> Result<T, GroupError> {
+        match outcome {
             Err(_) => Err(GroupError::NoQuorum {
                 group: self.id,
                 reason: format!("leadership not confirmed within {timeout:?}"),
             }),
-            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                 Err(GroupError::NotLeader {
                     group: self.id,

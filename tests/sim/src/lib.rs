@@ -345,34 +345,7 @@ async fn client_loop(
                 }
             }
             F::Cas => {
-                use pb::compare::{Op, Operand, Target};
-                let expected = &invoke[0];
-                let compare = if expected.is_null() {
-                    pb::Compare {
-                        key: key.clone().into_bytes(),
-                        target: Target::Exists as i32,
-                        op: Op::Equal as i32,
-                        operand: Some(Operand::Exists(false)),
-                    }
-                } else {
-                    pb::Compare {
-                        key: key.clone().into_bytes(),
-                        target: Target::Value as i32,
-                        op: Op::Equal as i32,
-                        operand: Some(Operand::Value(expected.to_string().into_bytes())),
-                    }
-                };
-                let req = pb::TxnRequest {
-                    compare: vec![compare],
-                    success: vec![pb::RequestOp {
-                        request: Some(pb::request_op::Request::Put(pb::PutRequest {
-                            key: key.clone().into_bytes(),
-                            value: invoke[1].to_string().into_bytes(),
-                            ..Default::default()
-                        })),
-                    }],
-                    ..Default::default()
-                };
+                let req = jepsen_lite::drill::cas_request(&key, &invoke[0], &invoke[1]);
                 match tokio::time::timeout(timeout, kv.txn(req)).await {
                     Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke.clone()),
                     Ok(Ok(_)) => (Kind::Fail, invoke.clone()),
