@@ -358,6 +358,58 @@ pub fn write_error_kind(status: &tonic::Status) -> Kind {
     }
 }
 
+/// Runs one register operation against `kv` within `timeout` and classifies
+/// its outcome for the history: a reply is `ok` (a read's value is what it
+/// read); a failed read, a failed comparison or a write that certainly did
+/// not happen ([`write_error_kind`]) is `fail`; anything else is `info`.
+pub async fn run_register_op(
+    kv: &mut KvClient<Channel>,
+    f: F,
+    key: &str,
+    invoke: &Value,
+    timeout: Duration,
+) -> (Kind, Value) {
+    match f {
+        F::Read => {
+            let req = pb::GetRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            };
+            match tokio::time::timeout(timeout, kv.get(req)).await {
+                Ok(Ok(r)) => (
+                    Kind::Ok,
+                    r.into_inner()
+                        .kv
+                        .map_or(Value::Null, |kv| decode_value(&kv.value)),
+                ),
+                // A read that failed had no effect.
+                _ => (Kind::Fail, Value::Null),
+            }
+        }
+        F::Write => {
+            let req = pb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: invoke.to_string().into_bytes(),
+                ..Default::default()
+            };
+            match tokio::time::timeout(timeout, kv.put(req)).await {
+                Ok(Ok(_)) => (Kind::Ok, invoke.clone()),
+                Ok(Err(status)) => (write_error_kind(&status), invoke.clone()),
+                Err(_) => (Kind::Info, invoke.clone()),
+            }
+        }
+        F::Cas => {
+            let req = cas_request(key, &invoke[0], &invoke[1]);
+            match tokio::time::timeout(timeout, kv.txn(req)).await {
+                Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke.clone()),
+                Ok(Ok(_)) => (Kind::Fail, invoke.clone()),
+                Ok(Err(status)) => (write_error_kind(&status), invoke.clone()),
+                Err(_) => (Kind::Info, invoke.clone()),
+            }
+        }
+    }
+}
+
 /// The register workload's compare-and-set as a transaction: set `key` to
 /// `new` if its value is `expected` (`null`: if the key does not exist).
 /// Values are stored as their JSON text.
@@ -428,49 +480,10 @@ impl Drill {
             };
             self.recorder
                 .record(process, Kind::Invoke, f, &key, invoke_value.clone());
-            let (kind, value) = match f {
-                F::Read => match tokio::time::timeout(
-                    timeout,
-                    kv.get(pb::GetRequest {
-                        key: key.clone().into_bytes(),
-                        ..Default::default()
-                    }),
-                )
-                .await
-                {
-                    Ok(Ok(r)) => {
-                        let v = r
-                            .into_inner()
-                            .kv
-                            .map_or(Value::Null, |kv| decode_value(&kv.value));
-                        last_seen = v.clone();
-                        (Kind::Ok, v)
-                    }
-                    // A read that failed had no effect.
-                    _ => (Kind::Fail, Value::Null),
-                },
-                F::Write => {
-                    let req = pb::PutRequest {
-                        key: key.clone().into_bytes(),
-                        value: invoke_value.to_string().into_bytes(),
-                        ..Default::default()
-                    };
-                    match tokio::time::timeout(timeout, kv.put(req)).await {
-                        Ok(Ok(_)) => (Kind::Ok, invoke_value.clone()),
-                        Ok(Err(status)) => (write_error_kind(&status), invoke_value.clone()),
-                        Err(_) => (Kind::Info, invoke_value.clone()),
-                    }
-                }
-                F::Cas => {
-                    let req = cas_request(&key, &invoke_value[0], &invoke_value[1]);
-                    match tokio::time::timeout(timeout, kv.txn(req)).await {
-                        Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke_value.clone()),
-                        Ok(Ok(_)) => (Kind::Fail, invoke_value.clone()),
-                        Ok(Err(status)) => (write_error_kind(&status), invoke_value.clone()),
-                        Err(_) => (Kind::Info, invoke_value.clone()),
-                    }
-                }
-            };
+            let (kind, value) = run_register_op(&mut kv, f, &key, &invoke_value, timeout).await;
+            if f == F::Read && kind == Kind::Ok {
+                last_seen = value.clone();
+            }
             self.recorder.record(process, kind, f, &key, value);
             if kind == Kind::Info {
                 process = self.next_process.fetch_add(1, Ordering::Relaxed);

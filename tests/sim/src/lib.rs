@@ -313,47 +313,11 @@ async fn client_loop(
             _ => (F::Cas, json!([last_seen.clone(), value_id])),
         };
         rec.record(process, Kind::Invoke, f, &key, invoke.clone());
-        let (kind, value) = match f {
-            F::Read => match tokio::time::timeout(
-                timeout,
-                kv.get(pb::GetRequest {
-                    key: key.clone().into_bytes(),
-                    ..Default::default()
-                }),
-            )
-            .await
-            {
-                Ok(Ok(r)) => {
-                    let v = r.into_inner().kv.map_or(Value::Null, |kv| {
-                        jepsen_lite::drill::decode_value(&kv.value)
-                    });
-                    last_seen = v.clone();
-                    (Kind::Ok, v)
-                }
-                _ => (Kind::Fail, Value::Null),
-            },
-            F::Write => {
-                let req = pb::PutRequest {
-                    key: key.clone().into_bytes(),
-                    value: invoke.to_string().into_bytes(),
-                    ..Default::default()
-                };
-                match tokio::time::timeout(timeout, kv.put(req)).await {
-                    Ok(Ok(_)) => (Kind::Ok, invoke.clone()),
-                    Ok(Err(s)) => (jepsen_lite::drill::write_error_kind(&s), invoke.clone()),
-                    Err(_) => (Kind::Info, invoke.clone()),
-                }
-            }
-            F::Cas => {
-                let req = jepsen_lite::drill::cas_request(&key, &invoke[0], &invoke[1]);
-                match tokio::time::timeout(timeout, kv.txn(req)).await {
-                    Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke.clone()),
-                    Ok(Ok(_)) => (Kind::Fail, invoke.clone()),
-                    Ok(Err(s)) => (jepsen_lite::drill::write_error_kind(&s), invoke.clone()),
-                    Err(_) => (Kind::Info, invoke.clone()),
-                }
-            }
-        };
+        let (kind, value) =
+            jepsen_lite::drill::run_register_op(&mut kv, f, &key, &invoke, timeout).await;
+        if f == F::Read && kind == Kind::Ok {
+            last_seen = value.clone();
+        }
         rec.record(process, kind, f, &key, value);
         if kind == Kind::Info {
             process = new_process(&counters);
