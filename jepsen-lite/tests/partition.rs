@@ -202,3 +202,73 @@ async fn partitioned_replicas_never_answer_stale_for_strong_levels() {
     }
     assert_eq!(value, b"new");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_learner_keeps_read_your_writes() {
+    let Some(firewall) = firewall_or_skip() else {
+        return;
+    };
+    let mut opts = ClusterOptions::new(3);
+    opts.groups = 1;
+    opts.learners = 1;
+    let cluster = TestCluster::start(opts).await;
+    let learner = 4;
+    let client = cluster.client().await;
+    client.put("y", "before").await.unwrap();
+    cluster
+        .wait_caught_up(learner, Duration::from_secs(30))
+        .await;
+    let ips: BTreeMap<u64, String> = (1..=4).map(|id| (id, cluster.ip(id))).collect();
+    firewall
+        .cut(&ips, &links_between(&[vec![learner], vec![1, 2, 3]]))
+        .unwrap();
+    let w = client.put("y", "after").await.unwrap();
+    let token = w.session.unwrap();
+    let mut at_learner =
+        pb::kv_client::KvClient::connect(format!("http://{}", cluster.addr(learner)))
+            .await
+            .unwrap();
+    // Held back: its local state is older than the session's write...
+    let stale = at_learner
+        .get(read("y", pb::ReadConsistency::Stale, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stale.kv.unwrap().value, b"before");
+    // ...so a SESSION read waits, then forwards (which the partition also
+    // blocks) and fails; it never answers "before".
+    for _ in 0..3 {
+        if let Ok(r) = at_learner
+            .get(read("y", pb::ReadConsistency::Session, Some(token.clone())))
+            .await
+        {
+            assert_eq!(
+                r.into_inner().kv.unwrap().value,
+                b"after",
+                "a held-back learner broke read-your-writes"
+            );
+        }
+    }
+    // BOUNDED_STALENESS cannot prove its bound without the leader either.
+    let mut bounded = read("y", pb::ReadConsistency::BoundedStaleness, None);
+    bounded.get_mut().max_staleness_ms = 500;
+    if let Ok(r) = at_learner.get(bounded).await {
+        assert_eq!(r.into_inner().kv.unwrap().value, b"after");
+    }
+    // Healed, the learner catches up and serves the session read itself.
+    firewall.heal().unwrap();
+    let mut served = None;
+    for _ in 0..50 {
+        if let Ok(r) = at_learner
+            .get(read("y", pb::ReadConsistency::Session, Some(token.clone())))
+            .await
+        {
+            served = Some(r.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = served.expect("the healed learner never served the session read");
+    assert_eq!(r.kv.unwrap().value, b"after");
+    assert_eq!(r.header.unwrap().node_id, learner);
+}

@@ -52,6 +52,8 @@ pub struct ClusterOptions {
     pub keep_logs: Option<u64>,
     /// Extra arguments for every `palisade start`.
     pub extra_args: Vec<String>,
+    /// Read replicas started after the voters, with ids `nodes+1..`.
+    pub learners: u64,
 }
 
 impl ClusterOptions {
@@ -62,6 +64,7 @@ impl ClusterOptions {
             snapshot_every: None,
             keep_logs: None,
             extra_args: Vec::new(),
+            learners: 0,
         }
     }
 }
@@ -100,7 +103,46 @@ impl TestCluster {
         cluster
             .wait_for_leaders(&all, Duration::from_secs(60))
             .await;
+        for id in cluster.learner_ids() {
+            cluster.spawn(id);
+        }
+        for id in cluster.learner_ids() {
+            cluster.wait_learner(id, Duration::from_secs(60)).await;
+        }
         cluster
+    }
+
+    /// Ids of the read replicas.
+    pub fn learner_ids(&self) -> Vec<u64> {
+        (self.opts.nodes + 1..=self.opts.nodes + self.opts.learners).collect()
+    }
+
+    fn all_ids(&self) -> std::ops::RangeInclusive<u64> {
+        1..=self.opts.nodes + self.opts.learners
+    }
+
+    /// Waits until node `id` is a learner of every group and has caught up.
+    pub async fn wait_learner(&self, id: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status().await {
+                let joined = s.groups.iter().all(|g| {
+                    g.replicas
+                        .iter()
+                        .any(|r| r.node_id == id && r.role == "learner")
+                });
+                if joined && s.groups.len() as u64 == self.opts.groups + 1 {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not join as a learner within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.wait_caught_up(id, deadline.saturating_duration_since(Instant::now()))
+            .await;
     }
 
     pub fn addr(&self, id: u64) -> String {
@@ -150,9 +192,14 @@ impl TestCluster {
         let mut cmd = Command::new(palisade_bin());
         cmd.arg("start")
             .args(["--id", &id.to_string()])
-            .args(["--listen", &self.addr(id)])
-            .args(["--peers", &self.peers()])
-            .arg("--data-dir")
+            .args(["--listen", &self.addr(id)]);
+        if id > self.opts.nodes {
+            cmd.arg("--learner")
+                .args(["--join", &self.endpoints().join(",")]);
+        } else {
+            cmd.args(["--peers", &self.peers()]);
+        }
+        cmd.arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{id}")))
             .args(["--groups", &self.opts.groups.to_string()]);
         if let Some(n) = self.opts.snapshot_every {
@@ -217,7 +264,7 @@ impl TestCluster {
         for id in std::mem::take(&mut self.paused) {
             self.signal(id, libc::SIGCONT);
         }
-        for id in 1..=self.opts.nodes {
+        for id in self.all_ids() {
             if !self.procs.contains_key(&id) {
                 self.spawn(id);
             }
@@ -347,7 +394,7 @@ impl TestCluster {
     }
 
     fn dump_logs(&self) {
-        for id in 1..=self.opts.nodes {
+        for id in self.all_ids() {
             let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             eprintln!("----- node {id} log (last 40 lines) -----");

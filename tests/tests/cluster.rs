@@ -82,7 +82,7 @@ async fn three_nodes_serve_put_get_scan_txn_over_grpc() {
             key: b"alpha".to_vec(),
             value: b"2".to_vec(),
             prev_kv: true,
-            request_id: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -252,6 +252,7 @@ async fn bad_input_gets_precise_statuses_and_writes_nothing() {
                 seq: 1,
                 first_incomplete_seq: 0,
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -289,6 +290,7 @@ async fn retried_write_with_the_same_request_id_applies_once() {
         value: value.as_bytes().to_vec(),
         prev_kv: false,
         request_id: Some(id),
+        ..Default::default()
     };
     let first = raw.put(put("a")).await.unwrap().into_inner();
     // The "retry" (same id) must not apply again, even with other content.

@@ -22,6 +22,7 @@ fn get(
         max_staleness_ms,
         session,
         min_revision: 0,
+        at_revision: 0,
     }
 }
 

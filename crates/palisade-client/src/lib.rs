@@ -51,7 +51,13 @@ pub enum Error {
     /// ambiguous way and the deadline passed).
     #[error("outcome unknown: {0}")]
     UnknownOutcome(String),
-    /// Any other status from the server.
+    /// An `ack = ALL` write is committed (durable on a majority, it will
+    /// not be lost) but some replicas had not applied it in time. Not
+    /// retried: the write happened.
+    #[error("committed at revision {revision} but not yet applied on nodes {lagging:?}")]
+    NotEverywhere { revision: u64, lagging: Vec<u64> },
+    /// Any other status from the server (e.g. `OUT_OF_RANGE` for a read at a
+    /// compacted revision; see [`compacted_detail`]).
     #[error("{}: {}", .0.code(), .0.message())]
     Status(Status),
     #[error("bad endpoint {0}")]
@@ -64,10 +70,20 @@ impl Error {
         match self {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Unavailable(_) => Code::Unavailable,
-            Error::UnknownOutcome(_) => Code::DeadlineExceeded,
+            Error::UnknownOutcome(_) | Error::NotEverywhere { .. } => Code::DeadlineExceeded,
             Error::Status(s) => s.code(),
             Error::Endpoint(_) => Code::InvalidArgument,
         }
+    }
+}
+
+/// The `Compacted` detail of an `OUT_OF_RANGE` error: the revision asked
+/// for and the oldest one still readable.
+pub fn compacted_detail(err: &Error) -> Option<pb::Compacted> {
+    let Error::Status(s) = err else { return None };
+    match pb::ErrorDetail::decode(s.details()).ok()?.kind? {
+        pb::error_detail::Kind::Compacted(c) => Some(c),
+        _ => None,
     }
 }
 
@@ -105,6 +121,9 @@ pub struct ReadOptions {
     pub max_staleness: Duration,
     /// Wait for (or be forwarded to) a replica that applied this revision.
     pub min_revision: u64,
+    /// Read the state as of this revision of the key's group (0: latest).
+    /// Any replica that has applied it answers.
+    pub at_revision: u64,
 }
 
 impl ReadOptions {
@@ -127,6 +146,13 @@ impl ReadOptions {
             ..Self::level(pb::ReadConsistency::BoundedStaleness)
         }
     }
+    /// The state as of `revision` (exact; served by any replica).
+    pub fn at_revision(revision: u64) -> Self {
+        Self {
+            at_revision: revision,
+            ..Self::default()
+        }
+    }
     fn level(consistency: pb::ReadConsistency) -> Self {
         Self {
             consistency,
@@ -135,10 +161,11 @@ impl ReadOptions {
     }
     /// Whether the leader must answer (else any replica may).
     fn needs_leader(&self) -> bool {
-        matches!(
-            self.consistency,
-            pb::ReadConsistency::Linearizable | pb::ReadConsistency::Lease
-        )
+        self.at_revision == 0
+            && matches!(
+                self.consistency,
+                pb::ReadConsistency::Linearizable | pb::ReadConsistency::Lease
+            )
     }
 }
 
@@ -399,6 +426,15 @@ impl Client {
                             maybe_applied = true;
                         }
                         (
+                            Code::DeadlineExceeded,
+                            Some(pb::error_detail::Kind::NotEverywhere(n)),
+                        ) => {
+                            return Err(Error::NotEverywhere {
+                                revision: n.revision,
+                                lagging: n.lagging_node_ids,
+                            });
+                        }
+                        (
                             Code::Unavailable
                             | Code::Unknown
                             | Code::Cancelled
@@ -503,6 +539,7 @@ impl Client {
             session: (opts.consistency == pb::ReadConsistency::Session)
                 .then(|| self.session_token()),
             min_revision: opts.min_revision,
+            at_revision: opts.at_revision,
         };
         let group = self.group_for_key(&req.key);
         let route = if opts.needs_leader() { group } else { None };
@@ -524,14 +561,50 @@ impl Client {
         res
     }
 
+    /// The retained versions of `key` (oldest first, tombstones included),
+    /// read at the given consistency (`at_revision` is ignored).
+    pub async fn history(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: ReadOptions,
+    ) -> Result<pb::HistoryResponse, Error> {
+        let req = pb::HistoryRequest {
+            key: key.into(),
+            consistency: opts.consistency as i32,
+            max_staleness_ms: opts.max_staleness.as_millis() as u64,
+            session: (opts.consistency == pb::ReadConsistency::Session)
+                .then(|| self.session_token()),
+            min_revision: opts.min_revision,
+        };
+        let group = self.group_for_key(&req.key);
+        let route = if opts.needs_leader() { group } else { None };
+        let res = self
+            .call(route, Kind::Read, req, |mut c, r| async move {
+                c.history(r).await
+            })
+            .await;
+        if let Ok(r) = &res {
+            self.observe(r.header.as_ref());
+        }
+        res
+    }
+
     /// Deletes `key`.
     pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<pb::DeleteResponse, Error> {
-        let id = self.begin_write();
-        let req = pb::DeleteRequest {
+        self.delete_request(pb::DeleteRequest {
             key: key.into(),
-            prev_kv: false,
-            request_id: Some(id),
-        };
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Sends a delete request (its request id is filled in).
+    pub async fn delete_request(
+        &self,
+        mut req: pb::DeleteRequest,
+    ) -> Result<pb::DeleteResponse, Error> {
+        let id = self.begin_write();
+        req.request_id = Some(id);
         let group = self.group_for_key(&req.key);
         let res = self
             .call(group, Kind::Write, req, |mut c, r| async move {
@@ -645,10 +718,79 @@ impl Client {
                     key,
                     ..Default::default()
                 }))],
-                request_id: None,
+                ..Default::default()
             })
             .await?;
         Ok((resp.succeeded, resp))
+    }
+
+    /// Runs an admin call at the first endpoint that answers (nodes forward
+    /// it to the group leader that must run it).
+    async fn admin<Resp, F, Fut>(&self, call: F) -> Result<Resp, Error>
+    where
+        F: Fn(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let addr = self.next_endpoint();
+            let admin = AdminClient::new(self.channel(&addr)?);
+            let last = match tokio::time::timeout(config.attempt_timeout, call(admin)).await {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(s)) if s.code() == Code::InvalidArgument => {
+                    return Err(Error::InvalidArgument(s.message().to_string()));
+                }
+                Ok(Err(s)) if s.code() != Code::Unavailable => return Err(Error::Status(s)),
+                Ok(Err(s)) => format!("{addr}: {}: {}", s.code(), s.message()),
+                Err(_) => {
+                    self.drop_channel(&addr);
+                    format!("{addr}: no reply")
+                }
+            };
+            let pause = self.backoff(attempt);
+            attempt += 1;
+            if Instant::now() + pause >= deadline {
+                return Err(Error::Unavailable(last));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Drops `group`'s history below `revision`; returns the group's new
+    /// compaction point.
+    pub async fn compact(&self, group: u64, revision: u64) -> Result<u64, Error> {
+        let r = self
+            .admin(|mut a| async move {
+                a.compact(pb::CompactRequest {
+                    group_id: group,
+                    revision,
+                })
+                .await
+            })
+            .await?;
+        Ok(r.compact_revision)
+    }
+
+    /// Adds node `id` at `addr` as a learner of `groups` (empty: all).
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        addr: &str,
+        groups: &[u64],
+    ) -> Result<Vec<u64>, Error> {
+        let r = self
+            .admin(|mut a| {
+                let req = pb::AddLearnerRequest {
+                    node_id: id,
+                    addr: addr.to_string(),
+                    group_ids: groups.to_vec(),
+                };
+                async move { a.add_learner(req).await }
+            })
+            .await?;
+        Ok(r.group_ids)
     }
 
     /// Cluster status from the first endpoint that answers; refreshes the

@@ -21,6 +21,16 @@ pub enum GroupError {
     /// apply. Safe to retry only with the same request id.
     #[error("outcome of the write to group {group} is unknown (timed out waiting for commit)")]
     UnknownOutcome { group: GroupId },
+    /// An `ack = ALL` write committed (durable on a majority) but these
+    /// replicas had not applied it within the wait.
+    #[error(
+        "write to group {group} is committed at revision {revision} but not yet applied on nodes {lagging:?}"
+    )]
+    NotEverywhere {
+        group: GroupId,
+        revision: u64,
+        lagging: Vec<NodeId>,
+    },
     /// The group's Raft instance stopped on this node (e.g. a storage error).
     #[error("group {group} stopped on this node: {reason}")]
     Stopped { group: GroupId, reason: String },

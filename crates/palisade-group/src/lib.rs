@@ -50,8 +50,15 @@ pub struct ReplicaState {
     pub purged_index: u64,
     pub snapshots_installed: u64,
     pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
     /// Live user keys in this replica's state.
     pub key_count: u64,
+    /// The MVCC compaction point.
+    pub compacted: u64,
+    /// Superseded versions and tombstones kept for MVCC reads.
+    pub history_records: u64,
+    /// On a leader: the highest index replicated to each other member.
+    pub matched: Vec<(NodeId, u64)>,
 }
 
 /// One Raft group hosted on this node.
@@ -133,22 +140,25 @@ impl RaftGroup {
         match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(GroupError::NotLeader {
-                    group: self.id,
-                    leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
-                })
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(GroupError::Raft {
-                    group: self.id,
-                    message: e.to_string(),
-                })
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Maps a failed proposal (a write or a membership change) to ours.
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> GroupError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
+                group: self.id,
+                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => GroupError::Raft {
+                group: self.id,
+                message: e.to_string(),
+            },
+            RaftError::Fatal(e) => GroupError::Stopped {
                 group: self.id,
                 reason: e.to_string(),
-            }),
+            },
         }
     }
 
@@ -263,6 +273,7 @@ impl RaftGroup {
             .await
             .unwrap_or(0);
         let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let learners: BTreeSet<NodeId> = m.membership_config.membership().learner_ids().collect();
         ReplicaState {
             group: self.id,
             node: self.node,
@@ -282,7 +293,49 @@ impl RaftGroup {
             purged_index: m.purged.map_or(0, |l| l.index),
             snapshots_installed: self.installed.load(Ordering::Relaxed),
             voters: voters.into_iter().collect(),
+            learners: learners.into_iter().collect(),
             key_count: self.state.user_key_count().unwrap_or(0) as u64,
+            compacted: self.state.compacted(),
+            history_records: self.state.history_record_count().unwrap_or(0) as u64,
+            matched: m
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != self.node)
+                .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+                .collect(),
+        }
+    }
+
+    /// Voter ids of the group, as this replica sees them.
+    pub fn voter_ids(&self) -> BTreeSet<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    /// Whether `node` is a member (voter or learner) of the group, as this
+    /// replica sees it.
+    pub fn has_member(&self, node: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config.membership().get_node(&node).is_some()
+    }
+
+    /// Adds `node` as a non-voting learner; returns once the membership
+    /// change is committed (not when the learner has caught up).
+    pub async fn add_learner(
+        &self,
+        node: NodeId,
+        addr: String,
+        timeout: Duration,
+    ) -> Result<(), GroupError> {
+        if self.has_member(node) && self.is_leader() {
+            return Ok(());
+        }
+        let add = self.raft.add_learner(node, BasicNode { addr }, false);
+        match tokio::time::timeout(timeout, add).await {
+            Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.write_error(e)),
         }
     }
 

@@ -23,7 +23,9 @@ use openraft::{
 use palisade_storage::{Flusher, SnapshotStore, StateBatch, StateTree, StoreError};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Command, CommandResult, GroupId, NodeId, OpResult, TxnOp, TypeConfig};
+use crate::types::{
+    Command, CommandOp, CommandResult, GroupId, NodeId, OpResult, Txn, TxnOp, TypeConfig,
+};
 
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
@@ -79,7 +81,27 @@ impl StateMachine {
             // A retry of a write that already applied: answer as before.
             return decode_result(&done);
         }
-        let txn = &cmd.txn;
+        let CommandOp::Txn(txn) = &cmd.op else {
+            // Compactions are applied by `apply`, in a batch of their own.
+            return Ok(CommandResult {
+                revision,
+                succeeded: false,
+                results: Vec::new(),
+            });
+        };
+        let result = Self::apply_txn(batch, revision, txn)?;
+        if let Some(id) = &cmd.request_id {
+            batch.dedup_put(id.client_id, id.seq, encode_result(&result)?);
+            batch.dedup_forget_below(id.client_id, id.first_incomplete_seq.min(id.seq))?;
+        }
+        Ok(result)
+    }
+
+    fn apply_txn(
+        batch: &mut StateBatch<'_>,
+        revision: u64,
+        txn: &Txn,
+    ) -> Result<CommandResult, StoreError> {
         let mut succeeded = true;
         for c in &txn.compares {
             if !c.holds(batch.get(&c.key)?.as_ref()) {
@@ -99,23 +121,18 @@ impl StateMachine {
                     prev: batch.put(key, value.clone(), revision)?,
                 },
                 TxnOp::Delete { key } => OpResult::Delete {
-                    prev: batch.delete(key)?,
+                    prev: batch.delete(key, revision)?,
                 },
                 TxnOp::Get { key } => OpResult::Get {
                     record: batch.get(key)?,
                 },
             });
         }
-        let result = CommandResult {
+        Ok(CommandResult {
             revision,
             succeeded,
             results,
-        };
-        if let Some(id) = &cmd.request_id {
-            batch.dedup_put(id.client_id, id.seq, encode_result(&result)?);
-            batch.dedup_forget_below(id.client_id, id.first_incomplete_seq.min(id.seq))?;
-        }
-        Ok(result)
+        })
     }
 
     fn read_snapshot(&self) -> Result<Option<(SnapMeta, Vec<u8>)>, StoreError> {
@@ -124,6 +141,20 @@ impl StateMachine {
         };
         Ok(Some((decode(&meta)?, data)))
     }
+}
+
+/// Commits `batch` as the effects of the entries up to `last` (nothing to
+/// do when no entry was applied).
+fn commit_applied(
+    mut batch: StateBatch<'_>,
+    last: Option<LogId<NodeId>>,
+) -> Result<(), StoreError> {
+    if let Some(last) = last {
+        batch.set_meta(APPLIED, &Some(last))?;
+        batch.set_revision(last.index);
+        batch.commit()?;
+    }
+    Ok(())
 }
 
 /// Persists a snapshot as the group's current one.
@@ -243,6 +274,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     succeeded: true,
                     results: Vec::new(),
                 },
+                EntryPayload::Normal(Command {
+                    op: CommandOp::Compact { revision: to },
+                    ..
+                }) => {
+                    // Compaction reads the committed tree, so first commit
+                    // what this call applied so far (with its applied id, so
+                    // a crash in between re-applies nothing twice).
+                    let done = std::mem::replace(&mut batch, self.state.batch());
+                    commit_applied(done, last).map_err(sm_write_err)?;
+                    // Never past this entry: revisions above it do not exist.
+                    let succeeded = batch.compact((*to).min(revision)).map_err(sm_write_err)?;
+                    CommandResult {
+                        revision,
+                        succeeded,
+                        results: Vec::new(),
+                    }
+                }
                 EntryPayload::Normal(cmd) => {
                     Self::apply_command(&mut batch, revision, cmd).map_err(sm_write_err)?
                 }
@@ -259,11 +307,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             results.push(result);
             last = Some(entry.log_id);
         }
-        if let Some(last) = last {
-            batch.set_meta(APPLIED, &Some(last)).map_err(sm_write_err)?;
-            batch.set_revision(last.index);
-            batch.commit().map_err(sm_write_err)?;
-        }
+        commit_applied(batch, last).map_err(sm_write_err)?;
         Ok(results)
     }
 
@@ -376,19 +420,19 @@ mod tests {
     }
 
     fn put(key: &str, value: &str) -> Command {
-        Command {
-            request_id: None,
-            txn: Txn::single(TxnOp::Put {
+        Command::txn(
+            None,
+            Txn::single(TxnOp::Put {
                 key: key.into(),
                 value: value.into(),
             }),
-        }
+        )
     }
 
     fn cas(key: &str, expect: &str, new: &str) -> Command {
-        Command {
-            request_id: None,
-            txn: Txn {
+        Command::txn(
+            None,
+            Txn {
                 compares: vec![Compare {
                     key: key.into(),
                     op: CompareOp::Equal,
@@ -400,17 +444,14 @@ mod tests {
                 }],
                 failure: vec![TxnOp::Get { key: key.into() }],
             },
-        }
+        )
     }
 
     #[tokio::test]
     async fn applies_puts_txns_and_deletes_with_revisions() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
-        let del = Command {
-            request_id: None,
-            txn: Txn::single(TxnOp::Delete { key: b"b".to_vec() }),
-        };
+        let del = Command::txn(None, Txn::single(TxnOp::Delete { key: b"b".to_vec() }));
         let results = sm
             .apply(vec![
                 entry(1, put("a", "1")),
@@ -483,6 +524,36 @@ mod tests {
         let batch = sm.state.batch();
         assert_eq!(batch.dedup_get(9, 1).unwrap(), None);
         assert!(batch.dedup_get(9, 2).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn compaction_applies_in_order_with_the_writes_around_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let compact = |revision| Command {
+            request_id: None,
+            op: CommandOp::Compact { revision },
+        };
+        let results = sm
+            .apply(vec![
+                entry(1, put("k", "1")),
+                entry(2, put("k", "2")),
+                entry(3, put("k", "3")),
+                entry(4, compact(3)),
+                entry(5, put("k", "5")),
+                entry(6, compact(100)),
+            ])
+            .await
+            .unwrap();
+        assert!(results[3].succeeded);
+        assert!(results[5].succeeded, "clamped to its own revision");
+        assert_eq!(sm.state.compacted(), 6);
+        assert_eq!(sm.state.get_at(b"k", 6).unwrap().0.unwrap().value, b"5");
+        assert!(sm.state.get_at(b"k", 5).is_err());
+        let r = sm.apply(vec![entry(7, compact(2))]).await.unwrap();
+        assert!(!r[0].succeeded, "compaction never moves backwards");
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(7));
     }
 
     #[tokio::test]

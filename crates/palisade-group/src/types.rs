@@ -46,7 +46,27 @@ pub struct RequestId {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     pub request_id: Option<RequestId>,
-    pub txn: Txn,
+    pub op: CommandOp,
+}
+
+impl Command {
+    /// A client transaction.
+    pub fn txn(request_id: Option<RequestId>, txn: Txn) -> Self {
+        Self {
+            request_id,
+            op: CommandOp::Txn(txn),
+        }
+    }
+}
+
+/// What a replicated write does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOp {
+    /// A client transaction (plain puts and deletes included).
+    Txn(Txn),
+    /// Drop history below `revision` (MVCC compaction). Succeeds only when
+    /// it moves the compaction point forward.
+    Compact { revision: u64 },
 }
 
 /// If every compare holds, apply `success`, else `failure`.

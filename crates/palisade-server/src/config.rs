@@ -17,6 +17,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_DATA_GROUPS: u64 = 4;
 /// Default number of keys a scan returns when the request sets no limit.
 pub const DEFAULT_SCAN_LIMIT: usize = 1000;
+/// Default MVCC history retention per group, in revisions.
+pub const DEFAULT_HISTORY_RETENTION: u64 = 100_000;
 /// Upper bound on a scan's limit, so one request cannot pin a node.
 pub const MAX_SCAN_LIMIT: usize = 100_000;
 
@@ -64,7 +66,8 @@ pub struct NodeConfig {
     pub id: u64,
     /// Address to bind. The address peers and clients use is `peers[id]`.
     pub listen: SocketAddr,
-    /// Every voter of the initial cluster: id → advertised `host:port`.
+    /// Every voter of the initial cluster: id → advertised `host:port`. A
+    /// learner lists only itself.
     pub peers: BTreeMap<u64, String>,
     pub data_dir: PathBuf,
     /// Data groups to create at bootstrap (ignored once the node has data:
@@ -94,6 +97,15 @@ pub struct NodeConfig {
     /// How long a SESSION (or min_revision) read waits for this replica to
     /// catch up before forwarding or answering UNAVAILABLE.
     pub session_wait: Duration,
+    /// How long an `ack = ALL` write waits for every replica to apply it.
+    pub ack_all_wait: Duration,
+    /// MVCC history kept per group, in revisions: the group leader compacts
+    /// history older than this many revisions behind the newest (0: never
+    /// compact automatically).
+    pub history_retention: u64,
+    /// Start as a read replica: join the groups as a non-voting learner
+    /// instead of bootstrapping them with `peers` as voters.
+    pub learner: bool,
 }
 
 impl NodeConfig {
@@ -121,6 +133,9 @@ impl NodeConfig {
             unsafe_local_reads: false,
             flush_mode: palisade_storage::FlushMode::Thread,
             session_wait: Duration::from_secs(1),
+            ack_all_wait: Duration::from_secs(2),
+            history_retention: DEFAULT_HISTORY_RETENTION,
+            learner: false,
         }
     }
 

@@ -9,10 +9,15 @@
 //! | unknown group         | `NOT_FOUND`         | —                 |
 //! | not leader / no quorum| `UNAVAILABLE`       | `NotLeader` hint  |
 //! | write outcome unknown | `DEADLINE_EXCEEDED` | `UnknownOutcome`  |
+//! | ack=ALL not everywhere| `DEADLINE_EXCEEDED` | `NotEverywhere`   |
+//! | compacted/future rev. | `OUT_OF_RANGE`      | `Compacted`       |
 //! | storage, internal     | `INTERNAL`          | —                 |
 
 use palisade_group::GroupError;
-use palisade_proto::v1::{ErrorDetail, NotLeader, UnknownOutcome, error_detail};
+use palisade_proto::v1::{
+    Compacted, ErrorDetail, NotEverywhere, NotLeader, UnknownOutcome, error_detail,
+};
+use palisade_storage::StoreError;
 use prost::Message;
 use thiserror::Error;
 use tonic::{Code, Status};
@@ -23,6 +28,12 @@ pub enum ServerError {
     InvalidArgument(String),
     #[error("group {0} does not exist on this cluster")]
     UnknownGroup(u64),
+    /// A read or compaction at a revision the group does not have (any
+    /// more, or yet).
+    #[error("group {group}: {source}")]
+    Revision { group: u64, source: StoreError },
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error(transparent)]
     Group(#[from] GroupError),
     #[error("invalid configuration: {0}")]
@@ -70,6 +81,19 @@ pub fn unknown_outcome_status(group: u64, message: String) -> Status {
     )
 }
 
+impl ServerError {
+    /// A storage error met while serving `group`: revision errors become
+    /// `OUT_OF_RANGE`, the rest stay storage errors.
+    pub fn from_store(group: u64, e: StoreError) -> Self {
+        match e {
+            StoreError::Compacted { .. } | StoreError::FutureRevision { .. } => {
+                ServerError::Revision { group, source: e }
+            }
+            other => ServerError::Storage(other),
+        }
+    }
+}
+
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Status {
         let msg = e.to_string();
@@ -88,6 +112,37 @@ impl From<ServerError> for Status {
             ServerError::Group(GroupError::UnknownOutcome { group }) => {
                 unknown_outcome_status(group, msg)
             }
+            ServerError::Group(GroupError::NotEverywhere {
+                group,
+                revision,
+                lagging,
+            }) => with_detail(
+                Code::DeadlineExceeded,
+                msg,
+                error_detail::Kind::NotEverywhere(NotEverywhere {
+                    group_id: group,
+                    revision,
+                    lagging_node_ids: lagging,
+                }),
+            ),
+            ServerError::Revision { group, source } => {
+                let (requested, oldest, current) = match source {
+                    StoreError::Compacted { requested, oldest } => (requested, oldest, 0),
+                    StoreError::FutureRevision { requested, current } => (requested, 0, current),
+                    _ => (0, 0, 0),
+                };
+                with_detail(
+                    Code::OutOfRange,
+                    msg,
+                    error_detail::Kind::Compacted(Compacted {
+                        group_id: group,
+                        requested_revision: requested,
+                        oldest_revision: oldest,
+                        current_revision: current,
+                    }),
+                )
+            }
+            ServerError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ServerError::Group(GroupError::Raft { .. } | GroupError::Storage(_))
             | ServerError::Storage(_)
             | ServerError::Io(_)

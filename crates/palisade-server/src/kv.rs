@@ -13,6 +13,7 @@ use palisade_group::{Command, CommandResult, GroupError, OpResult, RaftGroup, Re
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::kv_client::KvClient;
 use palisade_proto::v1::kv_server::Kv;
+use palisade_proto::v1::peer_client::PeerClient;
 use palisade_storage::KeyRecord;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
@@ -90,15 +91,72 @@ impl KvService {
         }
     }
 
+    /// Proposes `txn`; with `ack = ALL`, also waits until every replica of
+    /// the group has applied it.
     async fn write(
         &self,
         group: &RaftGroup,
         request_id: Option<RequestId>,
         txn: Txn,
+        ack: pb::WriteAck,
     ) -> Result<CommandResult, GroupError> {
-        group
-            .write(Command { request_id, txn }, self.node.config.write_timeout)
-            .await
+        let res = group
+            .write(
+                Command::txn(request_id, txn),
+                self.node.config.write_timeout,
+            )
+            .await?;
+        if ack == pb::WriteAck::All {
+            self.wait_everywhere(group, res.revision).await?;
+        }
+        Ok(res)
+    }
+
+    /// Waits (bounded) until every other voter and learner of `group` has
+    /// applied `revision`; names the ones that did not.
+    async fn wait_everywhere(&self, group: &RaftGroup, revision: u64) -> Result<(), GroupError> {
+        let wait = self.node.config.ack_all_wait;
+        let others: Vec<(u64, String)> = group
+            .member_addrs()
+            .into_iter()
+            .filter(|(id, _)| *id != self.node.id())
+            .collect();
+        let confirmations = futures::future::join_all(others.iter().map(|(id, addr)| async move {
+            let Ok(channel) = self.node.channels.get(*id, addr) else {
+                return false;
+            };
+            let mut req = tonic::Request::new(pb::WaitAppliedRequest {
+                group_id: group.id(),
+                revision,
+                timeout_ms: wait.as_millis() as u64,
+            });
+            req.set_timeout(wait + std::time::Duration::from_millis(500));
+            let mut client = PeerClient::new(channel);
+            let call = client.wait_applied(req);
+            match tokio::time::timeout(wait + std::time::Duration::from_millis(500), call).await {
+                Ok(Ok(r)) => r.into_inner().applied >= revision,
+                Ok(Err(_)) | Err(_) => {
+                    self.node.channels.drop_channel(*id);
+                    false
+                }
+            }
+        }))
+        .await;
+        let lagging: Vec<u64> = others
+            .iter()
+            .zip(confirmations)
+            .filter(|(_, ok)| !ok)
+            .map(|((id, _), _)| *id)
+            .collect();
+        if lagging.is_empty() {
+            Ok(())
+        } else {
+            Err(GroupError::NotEverywhere {
+                group: group.id(),
+                revision,
+                lagging,
+            })
+        }
     }
 
     /// Sends `req` to the leader named in `err`, or turns `err` into a status.
@@ -183,14 +241,15 @@ impl KvService {
             req.max_staleness_ms,
             req.session.as_ref(),
             req.min_revision,
+            req.at_revision,
             group.id(),
         )?;
         match read::prepare(&self.node, group, &params).await {
             Ok(receipt) => {
                 let res = group
                     .state()
-                    .scan(&range.start, range.end.as_deref(), range.limit)
-                    .map_err(ServerError::from)?;
+                    .scan_at(&range.start, range.end.as_deref(), range.limit, params.at)
+                    .map_err(|e| ServerError::from_store(group.id(), e))?;
                 let header = self.read_header(group, res.revision, receipt);
                 Ok(pb::ScanResponse {
                     header: Some(header),
@@ -243,8 +302,9 @@ impl Kv for KvService {
         let req = request.into_inner();
         let txn = validate::put_txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
+        let ack = validate::write_ack(req.ack)?;
         let group = self.node.group_for_key(&req.key)?;
-        match self.write(group, rid, txn).await {
+        match self.write(group, rid, txn, ack).await {
             Ok(res) => {
                 let prev = match res.results.into_iter().next() {
                     Some(OpResult::Put { prev }) => prev,
@@ -284,6 +344,7 @@ impl Kv for KvService {
             req.max_staleness_ms,
             req.session.as_ref(),
             req.min_revision,
+            req.at_revision,
             group.id(),
         )?;
         let prepared = if self.node.config.unsafe_local_reads {
@@ -298,7 +359,10 @@ impl Kv for KvService {
         };
         match prepared {
             Ok(receipt) => {
-                let (record, revision) = group.state().get(&req.key).map_err(ServerError::from)?;
+                let (record, revision) = group
+                    .state()
+                    .get_at(&req.key, params.at)
+                    .map_err(|e| ServerError::from_store(group.id(), e))?;
                 Ok(Response::new(pb::GetResponse {
                     header: Some(self.read_header(group, revision, receipt)),
                     kv: record.map(|r| kv(req.key, r, false)),
@@ -327,8 +391,9 @@ impl Kv for KvService {
         let req = request.into_inner();
         let txn = validate::delete_txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
+        let ack = validate::write_ack(req.ack)?;
         let group = self.node.group_for_key(&req.key)?;
-        match self.write(group, rid, txn).await {
+        match self.write(group, rid, txn, ack).await {
             Ok(res) => {
                 let prev = match res.results.into_iter().next() {
                     Some(OpResult::Delete { prev }) => prev,
@@ -377,6 +442,13 @@ impl Kv for KvService {
                 .map(|g| self.node.group(g))
                 .collect::<Result<_, _>>()?
         };
+        if req.at_revision > 0 && groups.len() > 1 {
+            return Err(ServerError::InvalidArgument(format!(
+                "at_revision is a revision of one group: set group_id (this cluster has {} data groups)",
+                groups.len()
+            ))
+            .into());
+        }
         let parts = futures::future::try_join_all(
             groups
                 .iter()
@@ -415,6 +487,41 @@ impl Kv for KvService {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        validate::check_key(&self.node.config.limits, &req.key)?;
+        let group = self.node.group_for_key(&req.key)?;
+        let params = ReadParams::parse(
+            req.consistency,
+            req.max_staleness_ms,
+            req.session.as_ref(),
+            req.min_revision,
+            0,
+            group.id(),
+        )?;
+        match read::prepare(&self.node, group, &params).await {
+            Ok(receipt) => Ok(Response::new(
+                self.history_local(group, &req, receipt).await?,
+            )),
+            Err(e) => {
+                self.forward(
+                    group,
+                    e,
+                    forwarded,
+                    Kind::Read,
+                    req,
+                    |mut c, r| async move { c.history(r).await },
+                )
+                .await
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn txn(
         &self,
         request: Request<pb::TxnRequest>,
@@ -423,8 +530,9 @@ impl Kv for KvService {
         let req = request.into_inner();
         let txn = validate::txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
+        let ack = validate::write_ack(req.ack)?;
         let group = self.node.group(txn_group(self.node.shard_map(), &txn)?)?;
-        let res = match self.write(group, rid, txn).await {
+        let res = match self.write(group, rid, txn, ack).await {
             Ok(res) => res,
             Err(e) => {
                 return self
@@ -456,6 +564,34 @@ impl Kv for KvService {
             responses,
             session: write_token(group.id(), res.revision),
         }))
+    }
+}
+
+impl KvService {
+    async fn history_local(
+        &self,
+        group: &RaftGroup,
+        req: &pb::HistoryRequest,
+        receipt: Receipt,
+    ) -> Result<pb::HistoryResponse, ServerError> {
+        let h = group
+            .state()
+            .history(&req.key)
+            .map_err(|e| ServerError::from_store(group.id(), e))?;
+        let versions = h
+            .versions
+            .into_iter()
+            .map(|v| pb::KeyVersion {
+                revision: v.revision,
+                deleted: v.record.is_none(),
+                kv: v.record.map(|r| kv(req.key.clone(), r, false)),
+            })
+            .collect();
+        Ok(pb::HistoryResponse {
+            header: Some(self.read_header(group, h.revision, receipt)),
+            versions,
+            compact_revision: h.compacted,
+        })
     }
 }
 

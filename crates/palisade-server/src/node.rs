@@ -106,7 +106,10 @@ impl Node {
             let group =
                 RaftGroup::open(config.id, id, &store, raft_config.clone(), channels.clone())
                     .await?;
-            group.initialize(members.clone()).await?;
+            // A learner waits to be added by the cluster instead.
+            if !config.learner {
+                group.initialize(members.clone()).await?;
+            }
             groups.insert(id, Arc::new(group));
         }
         tracing::info!(
@@ -115,13 +118,15 @@ impl Node {
             addr = config.advertise_addr(),
             "node open"
         );
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             config,
             store,
             groups,
             shard,
             channels,
-        }))
+        });
+        spawn_history_retention(&node);
+        Ok(node)
     }
 
     /// Serves the Kv, Admin and Peer services on `listener` until `shutdown`.
@@ -225,6 +230,11 @@ impl Node {
     pub async fn local_status(&self) -> pb::NodeStatusResponse {
         let mut groups = Vec::with_capacity(self.groups.len());
         for group in self.groups.values() {
+            // A learner hosts every group but replicates only those it was
+            // added to.
+            if !group.has_member(self.config.id) {
+                continue;
+            }
             let st = group.replica_state().await;
             groups.push(pb::LocalGroupStatus {
                 group_id: st.group,
@@ -257,6 +267,43 @@ impl Node {
     }
 }
 
+/// Keeps each group's MVCC history within the configured retention: every
+/// second, the leader of a group whose history grew a tenth past the window
+/// proposes a compaction (a Raft write, so every replica compacts alike).
+fn spawn_history_retention(node: &Arc<Node>) {
+    let retention = node.config.history_retention;
+    if retention == 0 {
+        return;
+    }
+    let slack = (retention / 10).max(1);
+    let weak = Arc::downgrade(node);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            for id in node.shard.groups() {
+                let Some(group) = node.groups.get(&id) else {
+                    continue;
+                };
+                let state = group.state();
+                let target = state.revision().saturating_sub(retention);
+                if !group.is_leader() || target < state.compacted() + slack {
+                    continue;
+                }
+                let cmd = palisade_group::Command {
+                    request_id: None,
+                    op: palisade_group::CommandOp::Compact { revision: target },
+                };
+                match group.write(cmd, node.config.write_timeout).await {
+                    Ok(_) => tracing::debug!(group = id, revision = target, "history compacted"),
+                    Err(e) => tracing::debug!(group = id, error = %e, "history compaction skipped"),
+                }
+            }
+        }
+    });
+}
+
 fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
     pb::ReplicaStatus {
         node_id: st.node,
@@ -270,5 +317,17 @@ fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
         snapshots_installed: st.snapshots_installed,
         voters: st.voters.clone(),
         key_count: st.key_count,
+        learners: st.learners.clone(),
+        compact_revision: st.compacted,
+        lag: 0,
+        history_records: st.history_records,
+        progress: st
+            .matched
+            .iter()
+            .map(|(id, index)| pb::Progress {
+                node_id: *id,
+                matched_index: *index,
+            })
+            .collect(),
     }
 }

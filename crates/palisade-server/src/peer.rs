@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use palisade_group::{NodeId, TypeConfig};
+use palisade_proto::v1 as pb;
 use palisade_proto::v1::peer_server::Peer;
 use palisade_proto::v1::{
     NodeStatusRequest, NodeStatusResponse, RaftMessage, ReadIndexRequest, ReadIndexResponse,
@@ -82,6 +83,20 @@ impl Peer for PeerService {
             .await
             .map_err(crate::error::ServerError::from)?;
         Ok(Response::new(ReadIndexResponse { index }))
+    }
+
+    async fn wait_applied(
+        &self,
+        request: Request<pb::WaitAppliedRequest>,
+    ) -> Result<Response<pb::WaitAppliedResponse>, Status> {
+        let req = request.into_inner();
+        let group = self.node.group(req.group_id)?;
+        // Bounded by our own deadline too, so a bad timeout cannot pin a task.
+        let wait = std::time::Duration::from_millis(req.timeout_ms).min(self.node.peer_timeout());
+        group.wait_applied(req.revision, wait).await;
+        Ok(Response::new(pb::WaitAppliedResponse {
+            applied: group.state().revision(),
+        }))
     }
 
     async fn node_status(

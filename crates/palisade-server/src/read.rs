@@ -12,6 +12,11 @@
 //!
 //! On top of every level, `min_revision` (and a session's revision) makes
 //! the replica wait a bounded time until it has applied that revision.
+//!
+//! A versioned read (`at_revision = r`) skips the level checks: history at
+//! `r` never changes once `r` is applied, so any replica that has applied
+//! `r` answers exactly (it waits for `r` like for `min_revision`; at the
+//! leader, a revision still missing after the wait is a future revision).
 //! "Forward" means the read is sent one hop to the leader, which applies the
 //! same rules; a replica never answers with older data than promised.
 
@@ -32,6 +37,8 @@ pub struct ReadParams {
     pub max_staleness: Duration,
     /// The replica must have applied at least this revision.
     pub required: u64,
+    /// Read the state as of this revision (0: the latest).
+    pub at: u64,
 }
 
 impl ReadParams {
@@ -41,6 +48,7 @@ impl ReadParams {
         max_staleness_ms: u64,
         session: Option<&pb::SessionToken>,
         min_revision: u64,
+        at_revision: u64,
         group: u64,
     ) -> Result<Self, ServerError> {
         let level = ReadConsistency::try_from(level).map_err(|_| {
@@ -61,7 +69,8 @@ impl ReadParams {
         Ok(Self {
             level,
             max_staleness: Duration::from_millis(max_staleness_ms),
-            required: from_session.max(min_revision),
+            required: from_session.max(min_revision).max(at_revision),
+            at: at_revision,
         })
     }
 }
@@ -107,6 +116,18 @@ pub async fn prepare(
     params: &ReadParams,
 ) -> Result<Receipt, GroupError> {
     let read_timeout = node.config.read_timeout;
+    if params.at > 0 {
+        // Exact as of `at`, wherever it is served.
+        let receipt = Receipt::exact(params.level);
+        if !group
+            .wait_applied(params.at, node.config.session_wait)
+            .await
+            && !group.is_leader()
+        {
+            return Err(go_to_leader(group));
+        }
+        return Ok(receipt);
+    }
     let receipt = match params.level {
         ReadConsistency::Linearizable => {
             group.read_index(read_timeout).await?;
@@ -223,22 +244,26 @@ mod tests {
     #[test]
     fn params_take_the_session_revision_of_their_group() {
         let t = token(&[(1, 40), (2, 7), (1, 42)]);
-        let p = ReadParams::parse(ReadConsistency::Session as i32, 0, Some(&t), 0, 1).unwrap();
+        let p = ReadParams::parse(ReadConsistency::Session as i32, 0, Some(&t), 0, 0, 1).unwrap();
         assert_eq!(p.required, 42);
-        let p = ReadParams::parse(ReadConsistency::Session as i32, 0, Some(&t), 50, 2).unwrap();
+        let p = ReadParams::parse(ReadConsistency::Session as i32, 0, Some(&t), 50, 0, 2).unwrap();
         assert_eq!(p.required, 50, "min_revision wins when higher");
-        let p = ReadParams::parse(ReadConsistency::Stale as i32, 0, Some(&t), 0, 3).unwrap();
-        assert_eq!(p.required, 0);
+        let p = ReadParams::parse(ReadConsistency::Stale as i32, 0, Some(&t), 0, 60, 3).unwrap();
+        assert_eq!(
+            (p.required, p.at),
+            (60, 60),
+            "a versioned read needs its revision"
+        );
     }
 
     #[test]
     fn params_are_validated() {
-        assert!(ReadParams::parse(99, 0, None, 0, 1).is_err());
-        let e =
-            ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 0, None, 0, 1).unwrap_err();
+        assert!(ReadParams::parse(99, 0, None, 0, 0, 1).is_err());
+        let e = ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 0, None, 0, 0, 1)
+            .unwrap_err();
         assert!(e.to_string().contains("max_staleness_ms"));
         assert!(
-            ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 100, None, 0, 1).is_ok()
+            ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 100, None, 0, 0, 1).is_ok()
         );
     }
 }

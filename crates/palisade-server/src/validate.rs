@@ -60,6 +60,11 @@ pub fn request_id(id: Option<&pb::RequestId>) -> Result<Option<RequestId>, Serve
     }))
 }
 
+/// Converts a write's ack level.
+pub fn write_ack(ack: i32) -> Result<pb::WriteAck, ServerError> {
+    pb::WriteAck::try_from(ack).map_err(|_| invalid(format!("unknown write ack level {ack}")))
+}
+
 pub fn put_txn(limits: &Limits, req: &pb::PutRequest) -> Result<Txn, ServerError> {
     check_key(limits, &req.key)?;
     check_value(limits, &req.value)?;

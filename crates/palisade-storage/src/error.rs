@@ -2,11 +2,16 @@
 
 use thiserror::Error;
 
-/// Errors from the storage layer. All are environmental (disk, corruption):
-/// a node that hits one must stop serving the affected group rather than
-/// diverge from its replicas.
+/// Errors from the storage layer. All but `Compacted` and `FutureRevision`
+/// (a read asked for a revision this replica cannot serve) are
+/// environmental (disk, corruption): a node that hits one must stop serving
+/// the affected group rather than diverge from its replicas.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    #[error("revision {requested} is compacted; the oldest readable revision is {oldest}")]
+    Compacted { requested: u64, oldest: u64 },
+    #[error("revision {requested} is in the future; this replica has applied {current}")]
+    FutureRevision { requested: u64, current: u64 },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
     #[error("encoding a record: {0}")]

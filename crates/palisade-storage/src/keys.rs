@@ -8,6 +8,11 @@
 //! | `0x00` | meta name (`applied`, ...)  | bincode of the meta value     |
 //! | `0x01` | user key bytes              | bincode of [`KeyRecord`]      |
 //! | `0x02` | client id (BE) ++ seq (BE)  | the write's encoded result    |
+//! | `0x03` | escaped key ++ revision (BE)| bincode of a past version     |
+//!
+//! History keys escape the user key (`0x00` → `0x00 0xff`, then the
+//! terminator `0x00 0x00`) so that they sort by user key first and revision
+//! second, and no key's history can interleave with another's.
 //!
 //! The `log` tree is keyed by the big-endian log index, so sled's byte order
 //! is log order.
@@ -20,6 +25,66 @@ pub const META: u8 = 0x00;
 pub const USER: u8 = 0x01;
 /// First byte of request-deduplication records.
 pub const DEDUP: u8 = 0x02;
+
+/// First byte of history records (superseded versions and tombstones).
+pub const HISTORY: u8 = 0x03;
+
+/// Appends `key` in the order-preserving, prefix-free escaped form.
+fn push_escaped(out: &mut Vec<u8>, key: &[u8]) {
+    for &b in key {
+        out.push(b);
+        if b == 0 {
+            out.push(0xff);
+        }
+    }
+    out.extend_from_slice(&[0, 0]);
+}
+
+/// The prefix shared by every history record of `key`.
+pub fn history_prefix(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + key.len());
+    k.push(HISTORY);
+    push_escaped(&mut k, key);
+    k
+}
+
+/// Key of `key`'s history record at `revision`.
+pub fn history_key(key: &[u8], revision: u64) -> Vec<u8> {
+    let mut k = history_prefix(key);
+    k.extend_from_slice(&revision.to_be_bytes());
+    k
+}
+
+/// The encoded bound just past every history record.
+pub fn history_end() -> Vec<u8> {
+    vec![HISTORY + 1]
+}
+
+/// The user key and revision of an encoded history key, if it is one.
+pub fn decode_history_key(encoded: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let (&first, mut rest) = encoded.split_first()?;
+    if first != HISTORY {
+        return None;
+    }
+    let mut key = Vec::new();
+    loop {
+        match rest {
+            [0, 0, tail @ ..] => {
+                let bytes: [u8; 8] = tail.try_into().ok()?;
+                return Some((key, u64::from_be_bytes(bytes)));
+            }
+            [0, 0xff, tail @ ..] => {
+                key.push(0);
+                rest = tail;
+            }
+            [0, ..] | [] => return None,
+            [b, tail @ ..] => {
+                key.push(*b);
+                rest = tail;
+            }
+        }
+    }
+}
 
 /// Key of a metadata record.
 pub fn meta_key(name: &str) -> Vec<u8> {
@@ -110,6 +175,31 @@ mod tests {
         assert_eq!(decode_user_key(&meta_key("applied")), None);
         assert_eq!(decode_user_key(&dedup_key(1, 2)), None);
         assert_eq!(decode_user_key(&[]), None);
+    }
+
+    #[test]
+    fn history_keys_sort_by_key_then_revision_and_round_trip() {
+        let keys: Vec<&[u8]> = vec![b"", b"a", b"a\x00", b"a\x00b", b"a\x01", b"ab", b"b\xff"];
+        let mut enc = Vec::new();
+        for k in &keys {
+            for rev in [1u64, 2, 300, u64::MAX] {
+                let e = history_key(k, rev);
+                assert_eq!(decode_history_key(&e), Some((k.to_vec(), rev)));
+                assert!(e.starts_with(&history_prefix(k)));
+                enc.push(((k.to_vec(), rev), e));
+            }
+        }
+        let mut by_encoding = enc.clone();
+        by_encoding.sort_by(|a, b| a.1.cmp(&b.1));
+        enc.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(enc, by_encoding, "encoded order is (key, revision) order");
+        assert!(
+            enc.iter()
+                .all(|(_, e)| e.as_slice() < history_end().as_slice()
+                    && e.as_slice() > user_keys_end().as_slice())
+        );
+        assert_eq!(decode_history_key(&user_key(b"a")), None);
+        assert_eq!(decode_history_key(&[HISTORY, b'a', 0, 0, 1]), None);
     }
 
     #[test]

@@ -32,10 +32,7 @@
 //! rebuilt by re-applying committed entries on restart), and the log is
 //! purged only after a flush has made the state that covers it durable.
 //!
-//! # Deliberately missing
-//!
-//! Version history (MVCC reads at a past revision) and compaction: records
-//! keep the latest version only, with the metadata history needs.
+//! Version history (MVCC) lives in the same tree: see [`state`].
 
 pub mod error;
 pub mod flush;
@@ -50,7 +47,10 @@ pub use error::StoreError;
 pub use flush::{FlushMode, FlushStats, Flusher};
 pub use log::LogStore;
 pub use snapshot::SnapshotStore;
-pub use state::{KeyEntry, KeyRecord, RawRecord, ScanResult, StateBatch, StateTree};
+pub use state::{
+    KeyEntry, KeyHistory, KeyRecord, PastVersion, RawRecord, ScanResult, StateBatch, StateTree,
+    Version,
+};
 
 /// Default bound on sled's page cache: sled's own default is 1 GiB, far too
 /// much for a node that may run next to four others on a laptop.

@@ -1,8 +1,23 @@
 //! The replicated key-value state of one group, on the `g{g}/state` tree.
 //!
 //! Records (see [`crate::keys`] for the byte layout): user keys with their
-//! revision metadata, deduplication results of recent writes, and metadata
-//! such as the applied log id and membership.
+//! revision metadata, deduplication results of recent writes, metadata such
+//! as the applied log id and membership, and **history**.
+//!
+//! # MVCC
+//!
+//! The latest version of a key lives in its user record, so current reads
+//! and transaction compares cost one lookup. When a put supersedes a version
+//! or a delete removes one, the old version moves to a history record keyed
+//! by (key, its mod revision), and a delete also leaves a tombstone at its
+//! own revision. The state as of revision `r` is therefore: the latest
+//! record if its mod revision is ≤ `r`, else the newest history record of
+//! the key at or below `r` (a tombstone, or nothing, meaning absent).
+//!
+//! `compact(c)` drops every history record no read at a revision ≥ `c`
+//! needs; reads below `c` then fail with [`StoreError::Compacted`]. The
+//! compaction point is itself replicated state (a meta record), so every
+//! replica, and every snapshot, agrees on it.
 //!
 //! All writes of one apply call go through a [`StateBatch`]: an in-memory
 //! overlay that later operations of the same batch read through (so entry
@@ -19,7 +34,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
 use crate::error::{decode, encode};
-use crate::keys::{decode_user_key, dedup_key, meta_key, user_key, user_keys_end};
+use crate::keys::{
+    decode_history_key, decode_user_key, dedup_key, history_end, history_key, history_prefix,
+    meta_key, user_key, user_keys_end,
+};
+
+/// Meta record holding the compaction point.
+const COMPACTED: &str = "compacted";
 
 /// A raw record of the state tree: encoded key and value.
 pub type RawRecord = (Vec<u8>, Vec<u8>);
@@ -39,6 +60,44 @@ pub struct KeyRecord {
     pub version: u64,
 }
 
+/// A superseded version of a key, as kept in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PastVersion {
+    /// The key held this record from its mod revision on.
+    Value(KeyRecord),
+    /// The key was deleted at this history record's revision.
+    Deleted,
+}
+
+impl PastVersion {
+    fn into_record(self) -> Option<KeyRecord> {
+        match self {
+            PastVersion::Value(r) => Some(r),
+            PastVersion::Deleted => None,
+        }
+    }
+}
+
+/// One retained version of a key, for [`StateTree::history`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// Revision at which this version was written (or the key deleted).
+    pub revision: u64,
+    /// `None`: a tombstone (the key was deleted at `revision`).
+    pub record: Option<KeyRecord>,
+}
+
+/// The retained versions of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHistory {
+    /// Oldest first; the last one is the current version (or tombstone).
+    pub versions: Vec<Version>,
+    /// Reads at revisions below this fail: older history was compacted.
+    pub compacted: u64,
+    /// The revision the history was read at.
+    pub revision: u64,
+}
+
 /// Handle to one group's state tree. Cheap to clone.
 #[derive(Clone)]
 pub struct StateTree {
@@ -50,15 +109,51 @@ pub struct StateTree {
     /// Log index of the last applied entry (the group's revision), published
     /// under `commit_lock` together with the batch that applied it.
     revision: Arc<AtomicU64>,
+    /// The compaction point, published like `revision`.
+    compacted: Arc<AtomicU64>,
 }
 
 impl StateTree {
     pub(crate) fn open(db: &sled::Db, group: u64) -> Result<Self, StoreError> {
-        Ok(Self {
+        let state = Self {
             tree: db.open_tree(format!("g{group}/state"))?,
             commit_lock: Arc::new(RwLock::new(())),
             revision: Arc::new(AtomicU64::new(0)),
-        })
+            compacted: Arc::new(AtomicU64::new(0)),
+        };
+        state.load_compacted()?;
+        Ok(state)
+    }
+
+    fn load_compacted(&self) -> Result<(), StoreError> {
+        let c: u64 = self.meta(COMPACTED)?.unwrap_or(0);
+        self.compacted.store(c, Ordering::Release);
+        Ok(())
+    }
+
+    /// The compaction point: the oldest revision still readable.
+    pub fn compacted(&self) -> u64 {
+        self.compacted.load(Ordering::Acquire)
+    }
+
+    /// Fails unless the state as of `at` is readable here (`at` between the
+    /// compaction point and the applied revision).
+    fn check_readable(&self, at: u64) -> Result<(), StoreError> {
+        let oldest = self.compacted();
+        if at < oldest {
+            return Err(StoreError::Compacted {
+                requested: at,
+                oldest,
+            });
+        }
+        let current = self.revision();
+        if at > current {
+            return Err(StoreError::FutureRevision {
+                requested: at,
+                current,
+            });
+        }
+        Ok(())
     }
 
     /// The revision (applied log index) the state currently reflects.
@@ -80,6 +175,159 @@ impl StateTree {
             .map(|v| decode(&v))
             .transpose()?;
         Ok((record, self.revision()))
+    }
+
+    /// Reads `key` as of revision `at` (`0`: the latest), with the revision
+    /// the answer reflects.
+    pub fn get_at(&self, key: &[u8], at: u64) -> Result<(Option<KeyRecord>, u64), StoreError> {
+        if at == 0 {
+            return self.get(key);
+        }
+        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.check_readable(at)?;
+        let latest: Option<KeyRecord> = self
+            .tree
+            .get(user_key(key))?
+            .map(|v| decode(&v))
+            .transpose()?;
+        if let Some(r) = latest
+            && r.mod_revision <= at
+        {
+            return Ok((Some(r), at));
+        }
+        let past = self
+            .tree
+            .range(history_key(key, 0)..=history_key(key, at))
+            .next_back()
+            .transpose()?;
+        let record = match past {
+            Some((_, v)) => decode::<PastVersion>(&v)?.into_record(),
+            None => None,
+        };
+        Ok((record, at))
+    }
+
+    /// Every retained version of `key`, oldest first, ending with the
+    /// current one (or its tombstone).
+    pub fn history(&self, key: &[u8]) -> Result<KeyHistory, StoreError> {
+        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let prefix = history_prefix(key);
+        let mut versions = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let (_, revision) = decode_history_key(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "malformed history key".into(),
+            })?;
+            versions.push(Version {
+                revision,
+                record: decode::<PastVersion>(&v)?.into_record(),
+            });
+        }
+        if let Some(v) = self.tree.get(user_key(key))? {
+            let record: KeyRecord = decode(&v)?;
+            versions.push(Version {
+                revision: record.mod_revision,
+                record: Some(record),
+            });
+        }
+        Ok(KeyHistory {
+            versions,
+            compacted: self.compacted(),
+            revision: self.revision(),
+        })
+    }
+
+    /// Like [`Self::scan`] but as of revision `at` (`0`: the latest).
+    pub fn scan_at(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+        at: u64,
+    ) -> Result<ScanResult, StoreError> {
+        if at == 0 {
+            return self.scan(start, end, limit);
+        }
+        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.check_readable(at)?;
+        let corrupt = |what: &str| StoreError::Corrupt { what: what.into() };
+        let mut latest = self
+            .tree
+            .range(user_key(start)..end.map(user_key).unwrap_or_else(user_keys_end));
+        let hist_hi = end.map(history_prefix).unwrap_or_else(history_end);
+        let mut past = self.tree.range(history_prefix(start)..hist_hi);
+        // Merge-join the two ordered streams by user key.
+        let mut next_latest = latest.next().transpose()?;
+        let mut next_past = past.next().transpose()?;
+        let mut records = Vec::new();
+        loop {
+            let latest_key = match &next_latest {
+                Some((k, _)) => Some(decode_user_key(k).ok_or_else(|| corrupt("user key"))?),
+                None => None,
+            };
+            let past_key = match &next_past {
+                Some((k, _)) => Some(decode_history_key(k).ok_or_else(|| corrupt("history key"))?),
+                None => None,
+            };
+            let key: Vec<u8> = match (latest_key, &past_key) {
+                (None, None) => break,
+                (Some(l), None) => l.to_vec(),
+                (None, Some((p, _))) => p.clone(),
+                (Some(l), Some((p, _))) => l.min(p.as_slice()).to_vec(),
+            };
+            let mut current = None;
+            if latest_key == Some(key.as_slice()) {
+                if let Some((_, v)) = &next_latest {
+                    let r: KeyRecord = decode(v)?;
+                    if r.mod_revision <= at {
+                        current = Some(r);
+                    }
+                }
+                next_latest = latest.next().transpose()?;
+            }
+            // The newest history record of `key` at or below `at`.
+            let mut newest = None;
+            while let Some((k, v)) = &next_past {
+                let (pk, rev) = decode_history_key(k).ok_or_else(|| corrupt("history key"))?;
+                if pk != key {
+                    break;
+                }
+                if rev <= at {
+                    newest = Some(v.clone());
+                }
+                next_past = past.next().transpose()?;
+            }
+            let record = match (current, newest) {
+                (Some(r), _) => Some(r),
+                (None, Some(v)) => decode::<PastVersion>(&v)?.into_record(),
+                (None, None) => None,
+            };
+            if let Some(r) = record {
+                if records.len() == limit {
+                    return Ok(ScanResult {
+                        records,
+                        more: true,
+                        revision: at,
+                    });
+                }
+                records.push((key, r));
+            }
+        }
+        Ok(ScanResult {
+            records,
+            more: false,
+            revision: at,
+        })
+    }
+
+    /// Number of history records (superseded versions and tombstones).
+    pub fn history_record_count(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.tree.range(vec![crate::keys::HISTORY]..history_end()) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Up to `limit` records with `start <= key < end` (`end = None`: no upper
@@ -135,6 +383,7 @@ impl StateTree {
             state: self,
             overlay: BTreeMap::new(),
             revision: None,
+            compacted: None,
         }
     }
 
@@ -168,7 +417,7 @@ impl StateTree {
         }
         self.tree.apply_batch(batch)?;
         self.set_revision(revision);
-        Ok(())
+        self.load_compacted()
     }
 
     /// Number of user keys (linear scan; for status and tests).
@@ -189,6 +438,8 @@ pub struct StateBatch<'a> {
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Revision to publish once the batch is committed.
     revision: Option<u64>,
+    /// Compaction point to publish once the batch is committed.
+    compacted: Option<u64>,
 }
 
 /// Records read by [`StateTree::scan`].
@@ -224,6 +475,14 @@ impl StateBatch<'_> {
         revision: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let prev = self.get(key)?;
+        match &prev {
+            Some(p) => self.retire(key, p, revision)?,
+            // Deleted and recreated by one transaction: the tombstone staged
+            // at this same revision never became visible to anyone.
+            None => {
+                self.overlay.remove(&history_key(key, revision));
+            }
+        }
         let record = match &prev {
             Some(p) => KeyRecord {
                 value,
@@ -242,13 +501,96 @@ impl StateBatch<'_> {
         Ok(prev)
     }
 
-    /// Deletes `key`; returns the previous record.
-    pub fn delete(&mut self, key: &[u8]) -> Result<Option<KeyRecord>, StoreError> {
+    /// Deletes `key` at `revision`, leaving a tombstone in its history;
+    /// returns the previous record.
+    pub fn delete(&mut self, key: &[u8], revision: u64) -> Result<Option<KeyRecord>, StoreError> {
         let prev = self.get(key)?;
-        if prev.is_some() {
+        if let Some(p) = &prev {
+            self.retire(key, p, revision)?;
             self.overlay.insert(user_key(key), None);
+            self.overlay.insert(
+                history_key(key, revision),
+                Some(encode(&PastVersion::Deleted)?),
+            );
         }
         Ok(prev)
+    }
+
+    /// Moves `prev`, about to be superseded at `revision`, into history. A
+    /// version written and superseded by the same revision (two writes in
+    /// one transaction) was never visible and is not kept.
+    fn retire(&mut self, key: &[u8], prev: &KeyRecord, revision: u64) -> Result<(), StoreError> {
+        if prev.mod_revision < revision {
+            self.overlay.insert(
+                history_key(key, prev.mod_revision),
+                Some(encode(&PastVersion::Value(prev.clone()))?),
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops every history record that no read at a revision ≥ `revision`
+    /// needs, and makes `revision` the oldest readable one. Returns false
+    /// (and changes nothing) when history is already compacted that far.
+    ///
+    /// Reads the committed tree, not the overlay: it must be the first
+    /// operation of its batch.
+    pub fn compact(&mut self, revision: u64) -> Result<bool, StoreError> {
+        debug_assert!(self.overlay.is_empty(), "compact must start its batch");
+        if revision <= self.state.compacted() {
+            return Ok(false);
+        }
+        let corrupt = || StoreError::Corrupt {
+            what: "malformed history key".into(),
+        };
+        // Per key: every record at or below `revision` but the newest is
+        // unreachable; the newest is needed only when it is a value that
+        // the latest record does not already cover.
+        let mut pending: Option<(Vec<u8>, Vec<u8>, sled::IVec)> = None;
+        let lo = vec![crate::keys::HISTORY];
+        for item in self.state.tree.range(lo..history_end()) {
+            let (k, v) = item?;
+            let (key, rev) = decode_history_key(&k).ok_or_else(corrupt)?;
+            if rev > revision {
+                continue;
+            }
+            if let Some((pkey, pk, pv)) = pending.take() {
+                if pkey == key {
+                    self.overlay.insert(pk, None);
+                } else {
+                    self.settle(&pkey, pk, &pv, revision)?;
+                }
+            }
+            pending = Some((key, k.to_vec(), v));
+        }
+        if let Some((pkey, pk, pv)) = pending {
+            self.settle(&pkey, pk, &pv, revision)?;
+        }
+        self.set_meta(COMPACTED, &revision)?;
+        self.compacted = Some(revision);
+        Ok(true)
+    }
+
+    /// Keeps or drops `key`'s newest history record at or below the
+    /// compaction point.
+    fn settle(
+        &mut self,
+        key: &[u8],
+        encoded: Vec<u8>,
+        value: &[u8],
+        revision: u64,
+    ) -> Result<(), StoreError> {
+        let needed = match decode::<PastVersion>(value)? {
+            PastVersion::Deleted => false,
+            PastVersion::Value(_) => match self.state.tree.get(user_key(key))? {
+                Some(latest) => decode::<KeyRecord>(&latest)?.mod_revision > revision,
+                None => true,
+            },
+        };
+        if !needed {
+            self.overlay.insert(encoded, None);
+        }
+        Ok(())
     }
 
     /// The stored result of write `(client_id, seq)`, if still retained.
@@ -311,6 +653,9 @@ impl StateBatch<'_> {
         if let Some(revision) = self.revision {
             self.state.set_revision(revision);
         }
+        if let Some(c) = self.compacted {
+            self.state.compacted.store(c, Ordering::Release);
+        }
         Ok(())
     }
 }
@@ -338,7 +683,7 @@ mod tests {
         assert_eq!((r.create_revision, r.mod_revision, r.version), (5, 6, 2));
 
         let mut b = t.batch();
-        assert!(b.delete(b"k").unwrap().is_some());
+        assert!(b.delete(b"k", 8).unwrap().is_some());
         assert_eq!(b.get(b"k").unwrap(), None, "a batch reads its own writes");
         b.put(b"k", b"c".to_vec(), 9).unwrap();
         b.commit().unwrap();
@@ -347,6 +692,178 @@ mod tests {
             (r.create_revision, r.mod_revision, r.version),
             (9, 9, 1),
             "recreated after delete"
+        );
+    }
+
+    /// Applies one write per revision, as the state machine would.
+    fn write(t: &StateTree, rev: u64, key: &[u8], value: Option<&[u8]>) {
+        let mut b = t.batch();
+        match value {
+            Some(v) => {
+                b.put(key, v.to_vec(), rev).unwrap();
+            }
+            None => {
+                b.delete(key, rev).unwrap();
+            }
+        }
+        b.set_revision(rev);
+        b.commit().unwrap();
+    }
+
+    fn value_at(t: &StateTree, key: &[u8], at: u64) -> Option<Vec<u8>> {
+        t.get_at(key, at).unwrap().0.map(|r| r.value)
+    }
+
+    #[test]
+    fn reads_at_a_revision_see_exactly_that_revision() {
+        let (_d, t) = tree();
+        // rev: 1 a=1, 2 b=1, 3 a=2, 4 del a, 5 b=2, 6 a=3, 7 a\0=x
+        write(&t, 1, b"a", Some(b"1"));
+        write(&t, 2, b"b", Some(b"1"));
+        write(&t, 3, b"a", Some(b"2"));
+        write(&t, 4, b"a", None);
+        write(&t, 5, b"b", Some(b"2"));
+        write(&t, 6, b"a", Some(b"3"));
+        write(&t, 7, b"a\x00", Some(b"x"));
+        let want_a: [Option<&[u8]>; 7] = [
+            Some(b"1"),
+            Some(b"1"),
+            Some(b"2"),
+            None,
+            None,
+            Some(b"3"),
+            Some(b"3"),
+        ];
+        for (i, want) in want_a.iter().enumerate() {
+            let rev = i as u64 + 1;
+            assert_eq!(value_at(&t, b"a", rev).as_deref(), *want, "a at {rev}");
+        }
+        assert_eq!(value_at(&t, b"b", 1), None);
+        assert_eq!(value_at(&t, b"b", 4).as_deref(), Some(&b"1"[..]));
+        let at3 = t.get_at(b"a", 3).unwrap().0.unwrap();
+        assert_eq!(
+            (at3.create_revision, at3.mod_revision, at3.version),
+            (1, 3, 2)
+        );
+        let at6 = t.get_at(b"a", 6).unwrap().0.unwrap();
+        assert_eq!((at6.create_revision, at6.version), (6, 1), "recreated");
+        assert!(matches!(
+            t.get_at(b"a", 8),
+            Err(StoreError::FutureRevision {
+                requested: 8,
+                current: 7
+            })
+        ));
+        let scan = |at| {
+            let r = t.scan_at(b"", None, 10, at).unwrap();
+            r.records
+                .into_iter()
+                .map(|(k, r)| (k, r.value))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(scan(1), vec![(b"a".to_vec(), b"1".to_vec())]);
+        assert_eq!(scan(4), vec![(b"b".to_vec(), b"1".to_vec())]);
+        assert_eq!(
+            scan(7),
+            vec![
+                (b"a".to_vec(), b"3".to_vec()),
+                (b"a\x00".to_vec(), b"x".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        let limited = t.scan_at(b"", None, 1, 5).unwrap();
+        assert_eq!(
+            (limited.records.len(), limited.more),
+            (1, false),
+            "only b exists at 5"
+        );
+        let limited = t.scan_at(b"", None, 1, 3).unwrap();
+        assert!(limited.more);
+        let bounded = t.scan_at(b"a", Some(b"b"), 10, 7).unwrap();
+        assert_eq!(bounded.records.len(), 2);
+        let h = t.history(b"a").unwrap();
+        let revs: Vec<(u64, bool)> = h
+            .versions
+            .iter()
+            .map(|v| (v.revision, v.record.is_some()))
+            .collect();
+        assert_eq!(revs, vec![(1, true), (3, true), (4, false), (6, true)]);
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_what_later_reads_need() {
+        let (_d, t) = tree();
+        write(&t, 1, b"a", Some(b"1"));
+        write(&t, 2, b"a", Some(b"2"));
+        write(&t, 3, b"b", Some(b"1"));
+        write(&t, 4, b"b", None);
+        write(&t, 5, b"c", Some(b"1"));
+        write(&t, 6, b"a", Some(b"3"));
+        write(&t, 7, b"c", None);
+        let before: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (5..=7)
+            .map(|at| {
+                t.scan_at(b"", None, 10, at)
+                    .unwrap()
+                    .records
+                    .into_iter()
+                    .map(|(k, r)| (k, r.value))
+                    .collect()
+            })
+            .collect();
+        let mut b = t.batch();
+        assert!(b.compact(5).unwrap());
+        b.commit().unwrap();
+        assert_eq!(t.compacted(), 5);
+        for (i, at) in (5..=7).enumerate() {
+            let now: Vec<(Vec<u8>, Vec<u8>)> = t
+                .scan_at(b"", None, 10, at)
+                .unwrap()
+                .records
+                .into_iter()
+                .map(|(k, r)| (k, r.value))
+                .collect();
+            assert_eq!(now, before[i], "state at {at} survives compaction at 5");
+        }
+        assert!(matches!(
+            t.get_at(b"a", 4),
+            Err(StoreError::Compacted {
+                requested: 4,
+                oldest: 5
+            })
+        ));
+        // Left: a@2 (needed at 5: latest a is from 6), c@5 and its tombstone
+        // @7. Gone: a@1, b@3 and b's tombstone @4.
+        assert_eq!(t.history_record_count().unwrap(), 3);
+        let mut b = t.batch();
+        assert!(!b.compact(5).unwrap(), "already compacted");
+        drop(b);
+        let mut b = t.batch();
+        assert!(b.compact(7).unwrap());
+        b.commit().unwrap();
+        assert_eq!(t.history_record_count().unwrap(), 0);
+        assert_eq!(value_at(&t, b"a", 7).as_deref(), Some(&b"3"[..]));
+        assert_eq!(value_at(&t, b"c", 7), None);
+    }
+
+    #[test]
+    fn writes_within_one_revision_keep_one_version() {
+        let (_d, t) = tree();
+        write(&t, 1, b"k", Some(b"old"));
+        let mut b = t.batch();
+        b.delete(b"k", 2).unwrap();
+        b.put(b"k", b"new".to_vec(), 2).unwrap();
+        b.put(b"k", b"newer".to_vec(), 2).unwrap();
+        b.set_revision(2);
+        b.commit().unwrap();
+        let h = t.history(b"k").unwrap();
+        let revs: Vec<(u64, Option<Vec<u8>>)> = h
+            .versions
+            .into_iter()
+            .map(|v| (v.revision, v.record.map(|r| r.value)))
+            .collect();
+        assert_eq!(
+            revs,
+            vec![(1, Some(b"old".to_vec())), (2, Some(b"newer".to_vec()))]
         );
     }
 

@@ -1,4 +1,5 @@
-//! Client subcommands: get, put, del, scan, txn, cluster status.
+//! Client subcommands: get, history, put, del, scan, txn, cluster
+//! status / compact / add-learner.
 
 use std::process::ExitCode;
 
@@ -57,14 +58,46 @@ pub struct GetArgs {
     /// Only answer from a replica that has applied this revision.
     #[arg(long, default_value_t = 0)]
     pub min_revision: u64,
+    /// Read the key as it was at this revision of its group (any replica
+    /// that has applied it answers; below the compaction point: error).
+    #[arg(long, default_value_t = 0)]
+    pub at_revision: u64,
     #[command(flatten)]
     pub conn: Conn,
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    pub key: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Write acknowledgement levels on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Ack {
+    /// Committed on a majority and applied on the leader.
+    Majority,
+    /// Also applied on every voter and learner (bounded wait).
+    All,
+}
+
+impl Ack {
+    fn proto(self) -> i32 {
+        match self {
+            Ack::Majority => pb::WriteAck::Majority as i32,
+            Ack::All => pb::WriteAck::All as i32,
+        }
+    }
 }
 
 #[derive(Args)]
 pub struct PutArgs {
     pub key: String,
     pub value: String,
+    /// When the write is acknowledged.
+    #[arg(long, value_enum, default_value = "majority")]
+    pub ack: Ack,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -72,6 +105,8 @@ pub struct PutArgs {
 #[derive(Args)]
 pub struct DelArgs {
     pub key: String,
+    #[arg(long, value_enum, default_value = "majority")]
+    pub ack: Ack,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -137,6 +172,23 @@ pub enum ClusterOp {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Drop a group's history below REVISION (reads below it then fail).
+    Compact {
+        group: u64,
+        revision: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Add a running node (started with `palisade start --learner`, or any
+    /// fresh node) as a read replica of some data groups (default: all).
+    AddLearner {
+        id: u64,
+        addr: String,
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -189,6 +241,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
         Level::Stale => palisade_client::ReadOptions::stale(),
     };
     opts.min_revision = args.min_revision;
+    opts.at_revision = args.at_revision;
     let resp = client.get_with(args.key.clone(), opts).await?;
     let header = resp.header.unwrap_or_default();
     if args.json {
@@ -232,9 +285,39 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+pub async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client().await?;
+    let resp = client
+        .history(args.key.clone(), palisade_client::ReadOptions::default())
+        .await?;
+    println!("REVISION  VERSION  VALUE");
+    for v in &resp.versions {
+        match &v.kv {
+            Some(kv) if !v.deleted => {
+                println!("{:<9} {:<8} {}", v.revision, kv.version, text(&kv.value))
+            }
+            _ => println!("{:<9} {:<8} (deleted)", v.revision, "-"),
+        }
+    }
+    eprintln!(
+        "({} versions retained; history compacted below revision {}; {})",
+        resp.versions.len(),
+        resp.compact_revision,
+        receipt(resp.header.as_ref())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client().await?;
-    let resp = client.put(args.key, args.value).await?;
+    let resp = client
+        .put_request(pb::PutRequest {
+            key: args.key.into_bytes(),
+            value: args.value.into_bytes(),
+            ack: args.ack.proto(),
+            ..Default::default()
+        })
+        .await?;
     println!(
         "OK {}{}",
         receipt(resp.header.as_ref()),
@@ -245,7 +328,13 @@ pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn del(args: DelArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client().await?;
-    let resp = client.delete(args.key).await?;
+    let resp = client
+        .delete_request(pb::DeleteRequest {
+            key: args.key.into_bytes(),
+            ack: args.ack.proto(),
+            ..Default::default()
+        })
+        .await?;
     println!(
         "deleted {} {}{}",
         resp.deleted,
@@ -344,6 +433,27 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        ClusterOp::Compact {
+            group,
+            revision,
+            conn,
+        } => {
+            let client = conn.client().await?;
+            let point = client.compact(group, revision).await?;
+            println!("group {group} history compacted below revision {point}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterOp::AddLearner {
+            id,
+            addr,
+            groups,
+            conn,
+        } => {
+            let client = conn.client().await?;
+            let joined = client.add_learner(id, &addr, &groups).await?;
+            println!("node {id} ({addr}) is a learner of groups {joined:?}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -363,7 +473,9 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
                 "last_log_index": r.last_log_index, "commit_index": r.commit_index,
                 "applied_index": r.applied_index, "snapshot_index": r.snapshot_index,
                 "purged_index": r.purged_index, "snapshots_installed": r.snapshots_installed,
-                "voters": r.voters, "key_count": r.key_count,
+                "voters": r.voters, "learners": r.learners, "key_count": r.key_count,
+                "lag": r.lag, "compact_revision": r.compact_revision,
+                "history_records": r.history_records,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -392,7 +504,7 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "GROUP  LEADER  TERM  NODE  ROLE       LAST_LOG  COMMIT  APPLIED  SNAPSHOT  KEYS"
+        "GROUP  LEADER  TERM  NODE  ROLE       LAST_LOG  COMMIT  APPLIED  LAG     SNAPSHOT  KEYS"
     );
     for g in &s.groups {
         let name = if g.group_id == 0 {
@@ -413,7 +525,7 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<6} {:<7} {:<5} {:<5} {:<10} {:<9} {:<7} {:<8} {}",
+                "{:<6} {:<7} {:<5} {:<5} {:<10} {:<9} {:<7} {:<8} {:<7} {:<9} {}",
                 gname,
                 lead,
                 term,
@@ -422,7 +534,9 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
                 r.last_log_index,
                 r.commit_index,
                 r.applied_index,
-                r.snapshot_index
+                r.lag,
+                r.snapshot_index,
+                r.key_count
             );
         }
     }

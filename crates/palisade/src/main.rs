@@ -25,8 +25,10 @@ enum Command {
     Start(start::StartArgs),
     /// Run a whole local cluster on loopback until Ctrl-C.
     Demo(demo::DemoArgs),
-    /// Read a key (linearizable).
+    /// Read a key (linearizable unless told otherwise; or at a revision).
     Get(client_cmd::GetArgs),
+    /// List the retained versions of a key (MVCC history).
+    History(client_cmd::HistoryArgs),
     /// Set a key.
     Put(client_cmd::PutArgs),
     /// Delete a key.
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
             Command::Start(args) => start::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Get(args) => client_cmd::get(args).await,
+            Command::History(args) => client_cmd::history(args).await,
             Command::Put(args) => client_cmd::put(args).await,
             Command::Del(args) => client_cmd::del(args).await,
             Command::Scan(args) => client_cmd::scan(args).await,
