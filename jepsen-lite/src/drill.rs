@@ -27,6 +27,16 @@
 //! broken connection, unknown outcome) is `info`, and the process is retired
 //! in favour of a fresh process id.
 //!
+//! Reads use `--read-consistency` (default `linearizable`). `lease` reads
+//! are checked for linearizability like linearizable ones. `session` reads
+//! carry each worker's session token (merged from its writes' and reads'
+//! receipts) and are checked by [`crate::session`] (read-your-writes and
+//! monotonic reads per process) instead: they are not linearizable by
+//! design. `bounded` and `stale` reads promise neither; a drill with them
+//! is a positive control (under partitions the checker should catch them).
+//! `--learners N` adds read replicas that the workload also sends
+//! operations to (faults hit only voters).
+//!
 //! At the end every fault is healed, the runner waits for the cluster to
 //! recover, reads every key once more (so a lost acknowledged write shows up
 //! as a violation), writes `history.jsonl`, `results.json` and `report.html`,
@@ -92,6 +102,92 @@ pub struct DrillArgs {
     /// ReadIndex). The checker must then report a violation; the drill exits 1.
     #[arg(long)]
     pub positive_control: bool,
+    /// Consistency of the workload's reads.
+    #[arg(long, value_enum, default_value = "linearizable")]
+    pub read_consistency: ReadLevel,
+    /// For `--read-consistency bounded`: the staleness allowed.
+    #[arg(long, default_value_t = 500)]
+    pub max_staleness_ms: u64,
+    /// Read replicas (learners) in the cluster; the workload uses them too.
+    #[arg(long, default_value_t = 0)]
+    pub learners: u64,
+}
+
+/// Read consistency levels a drill can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadLevel {
+    Linearizable,
+    Lease,
+    Session,
+    Bounded,
+    Stale,
+}
+
+impl ReadLevel {
+    pub fn proto(self) -> pb::ReadConsistency {
+        match self {
+            ReadLevel::Linearizable => pb::ReadConsistency::Linearizable,
+            ReadLevel::Lease => pb::ReadConsistency::Lease,
+            ReadLevel::Session => pb::ReadConsistency::Session,
+            ReadLevel::Bounded => pb::ReadConsistency::BoundedStaleness,
+            ReadLevel::Stale => pb::ReadConsistency::Stale,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ReadLevel::Linearizable => "linearizable",
+            ReadLevel::Lease => "lease",
+            ReadLevel::Session => "session",
+            ReadLevel::Bounded => "bounded",
+            ReadLevel::Stale => "stale",
+        }
+    }
+}
+
+/// How one client process reads, and the session it carries.
+#[derive(Debug, Clone, Default)]
+pub struct ReadSession {
+    pub level: pb::ReadConsistency,
+    pub max_staleness_ms: u64,
+    /// Highest revision seen per group (sent with SESSION reads).
+    seen: BTreeMap<u64, u64>,
+}
+
+impl ReadSession {
+    pub fn new(level: pb::ReadConsistency, max_staleness_ms: u64) -> Self {
+        Self {
+            level,
+            max_staleness_ms,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    fn observe(&mut self, group: u64, revision: u64) {
+        if group != 0 {
+            let r = self.seen.entry(group).or_default();
+            *r = (*r).max(revision);
+        }
+    }
+
+    fn observe_header(&mut self, h: Option<&pb::ResponseHeader>) {
+        if let Some(h) = h {
+            self.observe(h.group_id, h.revision);
+        }
+    }
+
+    fn token(&self) -> Option<pb::SessionToken> {
+        (self.level == pb::ReadConsistency::Session).then(|| pb::SessionToken {
+            revisions: self
+                .seen
+                .iter()
+                .map(|(g, r)| pb::GroupRevision {
+                    group_id: *g,
+                    revision: *r,
+                })
+                .collect(),
+        })
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -144,6 +240,18 @@ struct Recorder {
 
 impl Recorder {
     fn record(&self, process: u64, kind: Kind, f: F, key: &str, value: Value) {
+        self.record_with(process, kind, f, key, value, None);
+    }
+
+    fn record_with(
+        &self,
+        process: u64,
+        kind: Kind,
+        f: F,
+        key: &str,
+        value: Value,
+        revision: Option<u64>,
+    ) {
         let time_ns = self.start.elapsed().as_nanos() as u64;
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         let index = events.len() as u64;
@@ -155,6 +263,7 @@ impl Recorder {
             key: Value::String(key.to_string()),
             value,
             time_ns: Some(time_ns),
+            revision,
         });
     }
 
@@ -369,21 +478,41 @@ pub async fn run_register_op(
     invoke: &Value,
     timeout: Duration,
 ) -> (Kind, Value) {
+    let mut session = ReadSession::default();
+    let (kind, value, _) = run_register_op_in(kv, f, key, invoke, timeout, &mut session).await;
+    (kind, value)
+}
+
+/// Like [`run_register_op`], reading at `session`'s level (and merging the
+/// receipts into it); also returns the revision the op saw or made (a
+/// read's `mod_revision`, 0 when absent; a write's revision).
+pub async fn run_register_op_in(
+    kv: &mut KvClient<Channel>,
+    f: F,
+    key: &str,
+    invoke: &Value,
+    timeout: Duration,
+    session: &mut ReadSession,
+) -> (Kind, Value, Option<u64>) {
     match f {
         F::Read => {
             let req = pb::GetRequest {
                 key: key.as_bytes().to_vec(),
+                consistency: session.level as i32,
+                max_staleness_ms: session.max_staleness_ms,
+                session: session.token(),
                 ..Default::default()
             };
             match tokio::time::timeout(timeout, kv.get(req)).await {
-                Ok(Ok(r)) => (
-                    Kind::Ok,
-                    r.into_inner()
-                        .kv
-                        .map_or(Value::Null, |kv| decode_value(&kv.value)),
-                ),
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    session.observe_header(r.header.as_ref());
+                    let revision = r.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                    let value = r.kv.map_or(Value::Null, |kv| decode_value(&kv.value));
+                    (Kind::Ok, value, Some(revision))
+                }
                 // A read that failed had no effect.
-                _ => (Kind::Fail, Value::Null),
+                _ => (Kind::Fail, Value::Null, None),
             }
         }
         F::Write => {
@@ -393,18 +522,26 @@ pub async fn run_register_op(
                 ..Default::default()
             };
             match tokio::time::timeout(timeout, kv.put(req)).await {
-                Ok(Ok(_)) => (Kind::Ok, invoke.clone()),
-                Ok(Err(status)) => (write_error_kind(&status), invoke.clone()),
-                Err(_) => (Kind::Info, invoke.clone()),
+                Ok(Ok(r)) => {
+                    let h = r.into_inner().header;
+                    session.observe_header(h.as_ref());
+                    (Kind::Ok, invoke.clone(), h.map(|h| h.revision))
+                }
+                Ok(Err(status)) => (write_error_kind(&status), invoke.clone(), None),
+                Err(_) => (Kind::Info, invoke.clone(), None),
             }
         }
         F::Cas => {
             let req = cas_request(key, &invoke[0], &invoke[1]);
             match tokio::time::timeout(timeout, kv.txn(req)).await {
-                Ok(Ok(r)) if r.get_ref().succeeded => (Kind::Ok, invoke.clone()),
-                Ok(Ok(_)) => (Kind::Fail, invoke.clone()),
-                Ok(Err(status)) => (write_error_kind(&status), invoke.clone()),
-                Err(_) => (Kind::Info, invoke.clone()),
+                Ok(Ok(r)) if r.get_ref().succeeded => {
+                    let h = r.into_inner().header;
+                    session.observe_header(h.as_ref());
+                    (Kind::Ok, invoke.clone(), h.map(|h| h.revision))
+                }
+                Ok(Ok(_)) => (Kind::Fail, invoke.clone(), None),
+                Ok(Err(status)) => (write_error_kind(&status), invoke.clone(), None),
+                Err(_) => (Kind::Info, invoke.clone(), None),
             }
         }
     }
@@ -465,6 +602,10 @@ impl Drill {
         };
         let mut process = self.next_process.fetch_add(1, Ordering::Relaxed);
         let mut last_seen: Value = Value::Null;
+        let mut session = ReadSession::new(
+            self.args.read_consistency.proto(),
+            self.args.max_staleness_ms,
+        );
         while !self.stop.load(Ordering::Relaxed) {
             let key = self.key_name();
             let node = rng.gen_range(0..stubs.channels.len());
@@ -480,13 +621,20 @@ impl Drill {
             };
             self.recorder
                 .record(process, Kind::Invoke, f, &key, invoke_value.clone());
-            let (kind, value) = run_register_op(&mut kv, f, &key, &invoke_value, timeout).await;
+            let (kind, value, revision) =
+                run_register_op_in(&mut kv, f, &key, &invoke_value, timeout, &mut session).await;
             if f == F::Read && kind == Kind::Ok {
                 last_seen = value.clone();
             }
-            self.recorder.record(process, kind, f, &key, value);
+            self.recorder
+                .record_with(process, kind, f, &key, value, revision);
             if kind == Kind::Info {
+                // A fresh process starts a fresh session.
                 process = self.next_process.fetch_add(1, Ordering::Relaxed);
+                session = ReadSession::new(
+                    self.args.read_consistency.proto(),
+                    self.args.max_staleness_ms,
+                );
             }
             if kind != Kind::Ok {
                 // Don't hammer a cluster that is failing over.
@@ -684,11 +832,13 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
     );
     let mut opts = ClusterOptions::new(args.nodes);
     opts.groups = args.groups;
+    opts.learners = args.learners;
     if args.positive_control {
         opts.extra_args.push("--unsafe-local-reads".into());
     }
     let cluster = TestCluster::start(opts).await;
-    let endpoints = cluster.endpoints();
+    let mut endpoints = cluster.endpoints();
+    endpoints.extend(cluster.learner_ids().iter().map(|id| cluster.addr(*id)));
     let ips: BTreeMap<u64, String> = (1..=args.nodes).map(|id| (id, cluster.ip(id))).collect();
     let log_dir = cluster.dir().to_path_buf();
     let drill = Arc::new(Drill {
@@ -777,16 +927,37 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         args.out.join("report.html"),
         crate::report::html(&report, &format!("jepsen-lite drill, seed {seed}")),
     )?;
-    let verdict = if report.first_violation().is_some() {
+    let linearizability = if report.first_violation().is_some() {
         "not-linearizable"
     } else if report.unknown().next().is_some() {
         "unknown"
     } else {
         "linearizable"
     };
+    // SESSION reads are judged by the session guarantees they promise.
+    let sessions = crate::session::check_sessions(&history);
+    let verdict = if args.read_consistency == ReadLevel::Session {
+        if sessions.holds() {
+            "session-consistent"
+        } else {
+            "session-violation"
+        }
+    } else {
+        linearizability
+    };
 
     let results = json!({
         "verdict": verdict,
+        "linearizability": linearizability,
+        "read_consistency": args.read_consistency.name(),
+        "learners": args.learners,
+        "sessions": {
+            "reads_checked": sessions.reads_checked,
+            "violations": sessions.violations.len(),
+            "first": sessions.violations.iter().take(5).map(|v| json!({
+                "process": v.process, "key": v.key, "line": v.line, "message": v.message,
+            })).collect::<Vec<_>>(),
+        },
         "recovered": recovered,
         "final_reads_ok": final_ok,
         "seed": seed,
@@ -805,8 +976,9 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         "check_seconds": check_time.as_secs_f64(),
         "violation": report.first_violation().map(crate::describe_violation),
         "replay": format!(
-            "jepsen-lite run --nodes {} --time {}s --nemesis {} --concurrency {} --seed {seed}{}",
+            "jepsen-lite run --nodes {} --time {}s --nemesis {} --concurrency {} --read-consistency {} --learners {} --seed {seed}{}",
             args.nodes, args.time.as_secs_f64(), args.nemesis.join(","), args.concurrency,
+            args.read_consistency.name(), args.learners,
             if args.positive_control { " --positive-control" } else { "" }
         ),
     });
@@ -823,11 +995,24 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         check_time.as_secs_f64(),
         args.out.display()
     );
-    if let Some(v) = report.first_violation() {
+    if args.read_consistency == ReadLevel::Session {
+        println!(
+            "sessions: {} reads checked, {} violations (linearizability, not promised: {linearizability})",
+            sessions.reads_checked,
+            sessions.violations.len()
+        );
+        for v in sessions.violations.iter().take(3) {
+            println!("  line {}: {}", v.line, v.message);
+        }
+    } else if let Some(v) = report.first_violation() {
         println!("{}", crate::describe_violation(v));
     }
     Ok(
-        if verdict == "not-linearizable" || !recovered || !final_ok {
+        if verdict == "not-linearizable"
+            || verdict == "session-violation"
+            || !recovered
+            || !final_ok
+        {
             crate::EXIT_VIOLATION
         } else if verdict == "unknown" {
             crate::EXIT_UNKNOWN

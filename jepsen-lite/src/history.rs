@@ -6,6 +6,9 @@
 //! ```
 //!
 //! `f` is `read`, `write` or `cas` (value `[expected, new]`); a completion's
+//! optional `revision` is the database's version of the key the op saw or
+//! made (for palisade: a read's `mod_revision`, 0 when absent; a write's
+//! revision), used by the session checker; a completion's
 //! `type` is `ok` (happened), `fail` (definitely did not happen) or `info`
 //! (unknown: may take effect at any point after its invoke, or never). An
 //! invoke without a completion counts as `info`. A process that got `info`
@@ -50,6 +53,8 @@ pub struct Event {
     pub value: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 /// How an operation completed.
@@ -82,6 +87,8 @@ pub struct Op {
     pub complete_line: Option<usize>,
     pub invoke_time_ns: Option<u64>,
     pub complete_time_ns: Option<u64>,
+    /// The completion's revision, when it reported one.
+    pub revision: Option<u64>,
 }
 
 /// A validation error, with the line it concerns.
@@ -221,6 +228,7 @@ pub fn from_events(mut events: Vec<(usize, Event)>) -> Result<History, InvalidHi
                     complete_line: None,
                     invoke_time_ns: ev.time_ns,
                     complete_time_ns: None,
+                    revision: None,
                 });
             }
             kind => {
@@ -251,6 +259,7 @@ pub fn from_events(mut events: Vec<(usize, Event)>) -> Result<History, InvalidHi
                 op.complete_pos = Some(pos);
                 op.complete_line = Some(line);
                 op.complete_time_ns = ev.time_ns;
+                op.revision = ev.revision;
                 match op.f {
                     F::Read if kind == Kind::Ok => {
                         if !is_scalar(&ev.value) {

@@ -5,6 +5,8 @@
 //! - [`checker`]: a per-key linearizability checker for read/write/cas
 //!   registers (Wing–Gong/Lowe search with memoization), parallel over keys,
 //!   with a step budget that yields "unknown" instead of eating the machine.
+//! - [`session`]: read-your-writes and monotonic-reads checks per process,
+//!   for drills that read at `SESSION` consistency.
 //! - [`report`]: a self-contained HTML timeline report.
 //! - [`synth`]: synthetic linearizable histories (benchmarks, tests).
 //! - [`drill`]: the drill runner — a real cluster of processes, concurrent
@@ -14,6 +16,7 @@ pub mod checker;
 pub mod drill;
 pub mod history;
 pub mod report;
+pub mod session;
 pub mod synth;
 
 use std::process::ExitCode;

@@ -74,6 +74,7 @@ pub fn linearizable_history(cfg: &SynthConfig) -> Vec<Event> {
             key: Value::String(key.to_string()),
             value,
             time_ns: Some(index * 100),
+            revision: None,
         });
     };
     while invoked < cfg.ops || pending > 0 {

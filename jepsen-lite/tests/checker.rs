@@ -23,6 +23,7 @@ fn hist(steps: &[(u64, Kind, F, Value)]) -> History {
                     key: json!("k"),
                     value: v.clone(),
                     time_ns: None,
+                    revision: None,
                 },
             )
         })

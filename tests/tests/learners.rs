@@ -103,6 +103,37 @@ async fn a_learner_serves_local_reads_and_never_votes() {
         assert_ne!(r.header.unwrap().node_id, LEARNER, "{level:?}");
     }
 
+    // Bad options are rejected and change nothing.
+    let err = kv
+        .put(pb::PutRequest {
+            key: b"color".to_vec(),
+            value: b"green".to_vec(),
+            ack: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("ack"), "{err:?}");
+    let err = kv
+        .scan(pb::ScanRequest {
+            at_revision: rev,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("group_id"), "{err:?}");
+    let r = client.get("color").await.unwrap();
+    assert_eq!(value(&r).as_deref(), Some("blue"));
+    let err = client
+        .add_learner(1, &cluster.addr(1), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let err = client.add_learner(9, "nowhere", &[]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
     // Learners never vote: with two of three voters down, nothing commits
     // and no leader is elected, although three of four nodes are up.
     let mut cluster = cluster;

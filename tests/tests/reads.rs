@@ -190,3 +190,79 @@ async fn bounded_staleness_never_returns_data_older_than_the_bound() {
         "only {checked} bounded reads ran alongside the writes"
     );
 }
+
+/// A leader paused (SIGSTOP) past its lease must not answer LEASE (or
+/// LINEARIZABLE) reads from its pre-pause state when it resumes: the reads
+/// below wait in its socket while it is stopped and are the first thing it
+/// handles on resume, before it hears of the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_resumed_after_a_pause_does_not_serve_stale_lease_reads() {
+    let mut opts = ClusterOptions::new(3);
+    opts.groups = 1;
+    let mut cluster = TestCluster::start(opts).await;
+    let client = cluster.client().await;
+    client.put("x", "old").await.unwrap();
+    let status = cluster.status().await.unwrap();
+    let leader = status.groups[1].leader_id;
+    let mut at_leader =
+        pb::kv_client::KvClient::connect(format!("http://{}", cluster.addr(leader)))
+            .await
+            .unwrap();
+    // Keep the leader busy (a fresh quorum acknowledgement every few ms)
+    // and holding a lease when it stops.
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let client = client.clone();
+        let busy = busy.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client.put(format!("load{}", i % 10), "x").await;
+                i += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let r = at_leader
+            .get(get("x", Level::Lease, None, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.kv.unwrap().value, b"old");
+    }
+    cluster.pause(leader);
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    cluster
+        .wait_for_leaders(&rest, Duration::from_secs(30))
+        .await;
+    let client = palisade_client::Client::connect(rest.iter().map(|id| cluster.addr(*id)))
+        .await
+        .unwrap();
+    client.put("x", "new").await.unwrap();
+    let mut reads = Vec::new();
+    for level in [Level::Lease, Level::Linearizable, Level::Lease] {
+        let mut kv = at_leader.clone();
+        reads.push(tokio::spawn(async move {
+            let mut req = tonic::Request::new(get("x", level, None, 0));
+            req.set_timeout(Duration::from_secs(8));
+            (level, kv.get(req).await)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.resume(leader);
+    let _ = writer.await;
+    for read in reads {
+        let (level, result) = read.await.unwrap();
+        if let Ok(r) = result {
+            let r = r.into_inner();
+            assert_eq!(
+                r.kv.unwrap().value,
+                b"new",
+                "{level:?} read served stale data by the resumed old leader: {:?}",
+                r.header
+            );
+        }
+    }
+}

@@ -1,12 +1,13 @@
 //! Quick latency loop (the real benchmark is `palisade bench`, to come):
 //!
 //! ```sh
-//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get|get-lease|get-session|get-bounded|get-stale] [CLIENTS]
+//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get|get-lease|get-session|get-bounded|get-stale|get-at] [CLIENTS]
 //! cargo run --release -p palisade-client --example put_loop -- 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 5000 put 1
 //! ```
 //!
 //! Closed loop: CLIENTS tasks sharing one client issue OPS operations in
-//! total: puts of 256-byte values to 8-byte keys, or linearizable gets.
+//! total: puts of 256-byte values to 8-byte keys, or gets at a read level
+//! (`get-at`: each key at the revision of its warm-up write).
 //! Prints throughput and latency percentiles.
 
 use std::time::{Duration, Instant};
@@ -38,19 +39,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::connect(endpoints.split(',').map(str::to_string)).await?;
     let value = vec![b'x'; 256];
     // Warm up: channels, leader cache, keys to read.
+    let mut revisions = Vec::with_capacity(200);
     for i in 0..200 {
-        client.put(format!("{:08}", i), value.clone()).await?;
+        let r = client.put(format!("{:08}", i), value.clone()).await?;
+        revisions.push(r.header.map_or(0, |h| h.revision));
     }
+    let revisions = std::sync::Arc::new(revisions);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
         let client = client.clone();
         let value = value.clone();
+        let revisions = revisions.clone();
+        let mode = mode.clone();
         let ops = n / clients;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(ops);
             for i in 0..ops {
-                let key = format!("{:08}", (c * ops + i) % 200);
+                let k = (c * ops + i) % 200;
+                let key = format!("{k:08}");
+                let opts = if mode == "get-at" {
+                    ReadOptions::at_revision(revisions[k])
+                } else {
+                    opts
+                };
                 let t = Instant::now();
                 let res = if reads {
                     client.get_with(key, opts).await.map(|_| ())

@@ -61,6 +61,17 @@ pub struct ReplicaState {
     pub matched: Vec<(NodeId, u64)>,
 }
 
+/// A leader lease: while it holds, no other node can lead the group.
+#[derive(Debug, Clone, Copy)]
+struct LeaderLease {
+    term: u64,
+    until: tokio::time::Instant,
+    /// Read index confirmed when the lease was taken; a lease read waits
+    /// until it is applied (a new leader may not have applied its
+    /// predecessor's last entries yet).
+    read_index: u64,
+}
+
 /// One Raft group hosted on this node.
 pub struct RaftGroup {
     id: GroupId,
@@ -68,6 +79,7 @@ pub struct RaftGroup {
     raft: Raft,
     state: StateTree,
     installed: Arc<AtomicU64>,
+    lease: std::sync::Mutex<Option<LeaderLease>>,
 }
 
 impl RaftGroup {
@@ -100,6 +112,7 @@ impl RaftGroup {
             raft,
             state,
             installed,
+            lease: std::sync::Mutex::new(None),
         })
     }
 
@@ -225,16 +238,55 @@ impl RaftGroup {
         waited || self.state.revision() >= index
     }
 
-    /// Whether this node leads the group and heard from a quorum less than
-    /// `lease` ago. Followers do not start an election until at least the
-    /// minimum election timeout after the last heartbeat they acknowledged,
-    /// so within a lease shorter than that (minus a margin for clock drift)
-    /// no other leader can have committed anything.
-    pub fn lease_holds(&self, lease: Duration) -> bool {
+    /// A LEASE read: if this node holds a valid leader lease, waits until it
+    /// has applied the lease's read index and returns true. Returns false
+    /// when there is no valid lease (the caller falls back to ReadIndex, see
+    /// [`Self::read_index_renewing_lease`]).
+    ///
+    /// The lease starts at a monotonic instant taken *before* a quorum
+    /// confirmed this node's leadership, and lasts `lease`, which must be
+    /// shorter than the minimum election timeout: followers that confirmed
+    /// do not elect another leader sooner than that after the confirmation,
+    /// so within the lease no other leader can have committed anything. It
+    /// is tied to the term it was obtained in, and measured on the
+    /// monotonic clock, which keeps running while a process is paused:
+    /// a leader resuming from SIGSTOP finds its lease expired (openraft's
+    /// own metrics would still show its pre-pause quorum acknowledgement).
+    pub async fn lease_read(&self, timeout: Duration) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader
-            && m.millis_since_quorum_ack
-                .is_some_and(|ms| u128::from(ms) < lease.as_millis())
+        let lease = *self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lease) = lease else { return false };
+        let valid = m.state == ServerState::Leader
+            && m.current_term == lease.term
+            && tokio::time::Instant::now() < lease.until;
+        valid && self.wait_applied(lease.read_index, timeout).await
+    }
+
+    /// ReadIndex (like [`Self::read_index`]) that also renews this node's
+    /// leader lease for `lease` from the instant before the quorum round.
+    pub async fn read_index_renewing_lease(
+        &self,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<(), GroupError> {
+        let term = self.raft.metrics().borrow().current_term;
+        let t0 = tokio::time::Instant::now();
+        let index = self.leader_read_index(timeout).await?;
+        if !self.wait_applied(index, timeout).await {
+            return Err(GroupError::NoQuorum {
+                group: self.id,
+                reason: format!("read index {index} not applied within {timeout:?}"),
+            });
+        }
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader && m.current_term == term {
+            *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(LeaderLease {
+                term,
+                until: t0 + lease,
+                read_index: index,
+            });
+        }
+        Ok(())
     }
 
     /// The leader this node currently knows of, with its address.

@@ -172,9 +172,10 @@ impl NodeConfig {
     }
 
     /// The leader lease for LEASE reads: the minimum election timeout minus a
-    /// margin of 30% of it for clock drift and scheduling delays. Followers
-    /// will not elect a new leader sooner than the minimum election timeout
-    /// after the last heartbeat they acknowledged.
+    /// margin of 30% of it for clock-rate drift and scheduling delays.
+    /// Followers that acknowledged the leader do not elect another one sooner
+    /// than the minimum election timeout after that, and the lease starts
+    /// before the quorum round that confirmed it.
     pub fn lease(&self) -> Duration {
         self.timings.election_min.mul_f64(0.7)
     }

@@ -4,7 +4,8 @@
 //! | level               | this replica answers when…                                   | receipt                  |
 //! |---------------------|--------------------------------------------------------------|--------------------------|
 //! | `LINEARIZABLE`      | it leads the group and ReadIndex confirmed it (else forward)  | 0 ms behind              |
-//! | `LEASE`             | it leads and its lease holds; else ReadIndex as above         | LEASE or LINEARIZABLE    |
+//! | `LEASE`             | it leads and its lease holds (see `RaftGroup::lease_read`);   | LEASE or LINEARIZABLE    |
+//! |                     | else ReadIndex as above, which renews the lease               |                          |
 //! | `SESSION`           | it has applied the session's revision (waits, then forwards)  | unbounded, ≥ the session |
 //! | `BOUNDED_STALENESS` | it fetched the leader's read index at t0, applied it, and     | now − t0                 |
 //! |                     | now − t0 ≤ d (else forwards)                                  |                          |
@@ -134,10 +135,14 @@ pub async fn prepare(
             Receipt::exact(ReadConsistency::Linearizable)
         }
         ReadConsistency::Lease => {
-            if group.lease_holds(node.config.lease()) {
+            if group.lease_read(read_timeout).await {
                 Receipt::exact(ReadConsistency::Lease)
             } else {
-                group.read_index(read_timeout).await?;
+                // The ReadIndex round that serves this read also renews
+                // the lease for the reads that follow.
+                group
+                    .read_index_renewing_lease(node.config.lease(), read_timeout)
+                    .await?;
                 Receipt::exact(ReadConsistency::Linearizable)
             }
         }

@@ -33,6 +33,10 @@ pub struct DemoArgs {
     /// Data groups to create.
     #[arg(long, default_value_t = palisade_server::config::DEFAULT_DATA_GROUPS)]
     pub groups: u64,
+    /// Read replicas (non-voting learners of every group) to add, with ids
+    /// and ports after the voters'.
+    #[arg(long, default_value_t = 0)]
+    pub learners: u64,
 }
 
 struct Nodes {
@@ -86,7 +90,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             args.nodes
         );
     }
-    if u32::from(args.base_port) + args.nodes as u32 > 65_536 {
+    if args.learners > 4 {
+        bail!("--learners must be at most 4, got {}", args.learners);
+    }
+    if u32::from(args.base_port) + (args.nodes + args.learners) as u32 > 65_536 {
         bail!(
             "--base-port {} leaves no room for {} nodes",
             args.base_port,
@@ -105,7 +112,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     std::fs::create_dir_all(&root)?;
-    let addrs: Vec<(u64, String)> = (1..=args.nodes)
+    let addrs: Vec<(u64, String)> = (1..=args.nodes + args.learners)
         .map(|i| {
             (
                 i,
@@ -115,6 +122,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let peers = addrs
         .iter()
+        .take(args.nodes as usize)
         .map(|(i, a)| format!("{i}={a}"))
         .collect::<Vec<_>>()
         .join(",");
@@ -122,14 +130,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut nodes = Nodes {
         children: Vec::new(),
     };
+    let voter_endpoints: Vec<String> = addrs
+        .iter()
+        .take(args.nodes as usize)
+        .map(|(_, a)| a.clone())
+        .collect();
     for (id, addr) in &addrs {
+        if *id == args.nodes + 1 {
+            // Learners join a running cluster.
+            if let Err(e) = wait_ready(&voter_endpoints, args.nodes, &mut nodes).await {
+                eprintln!("cluster did not come up: {e:#}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         let dir = root.join(format!("node-{id}"));
         let log_path = root.join(format!("node-{id}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let mut cmd = start_command(&exe, *id, addr, &peers, &dir, args.groups);
+        let mut cmd = if *id > args.nodes {
+            learner_command(&exe, *id, addr, &voter_endpoints.join(","), &dir)
+        } else {
+            start_command(&exe, *id, addr, &peers, &dir, args.groups)
+        };
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -150,7 +174,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
 
     let endpoints: Vec<String> = addrs.iter().map(|(_, a)| a.clone()).collect();
-    if let Err(e) = wait_ready(&endpoints, args.nodes, &mut nodes).await {
+    if let Err(e) = wait_ready(&endpoints, args.nodes + args.learners, &mut nodes).await {
         eprintln!("cluster did not come up: {e:#}");
         for (id, _) in &addrs {
             let log = root.join(format!("node-{id}.log"));
@@ -169,16 +193,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!();
     eprintln!(
-        "palisade demo: {} nodes, {} data groups + the meta group, data in {}",
+        "palisade demo: {} nodes{}, {} data groups + the meta group, data in {}",
         args.nodes,
+        if args.learners > 0 {
+            format!(" + {} learners", args.learners)
+        } else {
+            String::new()
+        },
         args.groups,
         root.display()
     );
     for ((id, child), (_, addr)) in nodes.children.iter().zip(&addrs) {
         eprintln!(
-            "  node {id}: {addr}  pid {}  log {}",
+            "  node {id}: {addr}  pid {}  log {}{}",
             child.id(),
-            root.join(format!("node-{id}.log")).display()
+            root.join(format!("node-{id}.log")).display(),
+            if *id > args.nodes { "  (learner)" } else { "" }
         );
     }
     eprintln!();
@@ -217,6 +247,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     eprintln!("stopping…");
     nodes.stop();
     Ok(ExitCode::SUCCESS)
+}
+
+fn learner_command(exe: &Path, id: u64, addr: &str, join: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("start")
+        .args(["--id", &id.to_string()])
+        .args(["--listen", addr])
+        .args(["--learner", "--join", join])
+        .arg("--data-dir")
+        .arg(dir);
+    cmd
 }
 
 async fn wait_for_stop() {

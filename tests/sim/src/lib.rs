@@ -267,6 +267,7 @@ impl Recorder {
             key: Value::String(key.to_string()),
             value,
             time_ns: None,
+            revision: None,
         });
     }
 }
