@@ -7,7 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["kv.proto", "admin.proto", "peer.proto"].map(|f| root.join("palisade/v1").join(f));
+    let files = ["kv.proto", "admin.proto", "peer.proto", "lock.proto"]
+        .map(|f| root.join("palisade/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

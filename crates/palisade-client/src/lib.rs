@@ -28,6 +28,8 @@ use std::time::Duration;
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::kv_client::KvClient;
+use palisade_proto::v1::lease_client::LeaseClient;
+use palisade_proto::v1::lock_client::LockClient;
 use palisade_shard::ShardMap;
 use prost::Message;
 use rand::Rng;
@@ -75,6 +77,105 @@ impl Error {
             Error::Endpoint(_) => Code::InvalidArgument,
         }
     }
+}
+
+/// A lock's fencing token: the log index of the entry that granted the
+/// lock. Send it with writes (`fence()`) or hand it to other services,
+/// which can check it with [`Client::check_fence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencingToken {
+    pub lock: Vec<u8>,
+    pub token: u64,
+    /// Raft term of the granting entry (informational).
+    pub term: u64,
+}
+
+impl FencingToken {
+    /// The fence to attach to a write guarded by this lock.
+    pub fn fence(&self) -> pb::Fence {
+        pb::Fence {
+            lock: self.lock.clone(),
+            token: self.token,
+        }
+    }
+
+    /// `NAME:TOKEN`, as the CLI prints and accepts it.
+    pub fn to_text(&self) -> String {
+        format!("{}:{}", String::from_utf8_lossy(&self.lock), self.token)
+    }
+
+    /// Parses `NAME:TOKEN` (the name may itself contain `:`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, token) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("fence {text:?} is not NAME:TOKEN"))?;
+        let token = token
+            .parse()
+            .map_err(|_| format!("fencing token {token:?} is not a number"))?;
+        if name.is_empty() {
+            return Err("fence has an empty lock name".into());
+        }
+        Ok(Self {
+            lock: name.as_bytes().to_vec(),
+            token,
+            term: 0,
+        })
+    }
+}
+
+/// A held lock whose lease a background task keeps alive.
+pub struct LockGuard {
+    client: Client,
+    token: FencingToken,
+    lease: u64,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl LockGuard {
+    pub fn token(&self) -> &FencingToken {
+        &self.token
+    }
+
+    pub fn lease(&self) -> u64 {
+        self.lease
+    }
+
+    /// Whether the lease is known to have ended (the lock may be someone
+    /// else's now; fenced writes with this token will be refused).
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Releases the lock and revokes its lease.
+    pub async fn release(self) -> Result<(), Error> {
+        self.keepalive.abort();
+        let unlocked = self.client.unlock(&self.token).await;
+        let revoked = self.client.lease_revoke(self.lease).await;
+        unlocked.and(revoked)
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // Without keep-alives the lease, and the lock, end within one TTL.
+        self.keepalive.abort();
+    }
+}
+
+/// The `StaleFence` detail of a `FAILED_PRECONDITION` error: the lock's
+/// current token.
+pub fn stale_fence_detail(err: &Error) -> Option<pb::StaleFence> {
+    let Error::Status(s) = err else { return None };
+    match pb::ErrorDetail::decode(s.details()).ok()?.kind? {
+        pb::error_detail::Kind::StaleFence(f) => Some(f),
+        _ => None,
+    }
+}
+
+/// The group a lease lives in (see `lock.proto`).
+pub fn lease_group(id: u64) -> u64 {
+    id >> 48
 }
 
 /// The `Compacted` detail of an `OUT_OF_RANGE` error: the revision asked
@@ -273,12 +374,12 @@ impl Client {
         Ok(client)
     }
 
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, Error> {
-        let mut channels = Self::lock(&self.inner.channels);
+        let mut channels = Self::guard(&self.inner.channels);
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
@@ -292,7 +393,7 @@ impl Client {
     }
 
     fn drop_channel(&self, addr: &str) {
-        Self::lock(&self.inner.channels).remove(addr);
+        Self::guard(&self.inner.channels).remove(addr);
     }
 
     fn next_endpoint(&self) -> String {
@@ -303,13 +404,13 @@ impl Client {
 
     fn target(&self, group: Option<u64>) -> String {
         group
-            .and_then(|g| Self::lock(&self.inner.leaders).get(&g).cloned())
+            .and_then(|g| Self::guard(&self.inner.leaders).get(&g).cloned())
             .unwrap_or_else(|| self.next_endpoint())
     }
 
     /// The data group that owns `key`, if the shard map is known.
     pub fn group_for_key(&self, key: &[u8]) -> Option<u64> {
-        Self::lock(&self.inner.shard).map(|s| s.group_for_key(key))
+        Self::guard(&self.inner.shard).map(|s| s.group_for_key(key))
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -323,8 +424,8 @@ impl Client {
 
     fn remember_leader(&self, group: u64, header: Option<&pb::ResponseHeader>) {
         let Some(h) = header else { return };
-        if let Some(addr) = Self::lock(&self.inner.nodes).get(&h.node_id).cloned() {
-            Self::lock(&self.inner.leaders).insert(group, addr);
+        if let Some(addr) = Self::guard(&self.inner.nodes).get(&h.node_id).cloned() {
+            Self::guard(&self.inner.leaders).insert(group, addr);
         }
     }
 
@@ -333,7 +434,7 @@ impl Client {
         if let Some(h) = header
             && h.group_id != 0
         {
-            let mut session = Self::lock(&self.inner.session);
+            let mut session = Self::guard(&self.inner.session);
             let r = session.entry(h.group_id).or_default();
             *r = (*r).max(h.revision);
         }
@@ -343,7 +444,7 @@ impl Client {
     /// read in each group. SESSION reads send it automatically.
     pub fn session_token(&self) -> pb::SessionToken {
         pb::SessionToken {
-            revisions: Self::lock(&self.inner.session)
+            revisions: Self::guard(&self.inner.session)
                 .iter()
                 .map(|(g, r)| pb::GroupRevision {
                     group_id: *g,
@@ -355,7 +456,7 @@ impl Client {
 
     /// Adds a token (e.g. from another client or process) to the session.
     pub fn merge_session(&self, token: &pb::SessionToken) {
-        let mut session = Self::lock(&self.inner.session);
+        let mut session = Self::guard(&self.inner.session);
         for r in &token.revisions {
             let e = session.entry(r.group_id).or_default();
             *e = (*e).max(r.revision);
@@ -364,7 +465,7 @@ impl Client {
 
     fn begin_write(&self) -> pb::RequestId {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut inflight = Self::lock(&self.inner.inflight);
+        let mut inflight = Self::guard(&self.inner.inflight);
         inflight.insert(seq);
         let first = *inflight.first().unwrap_or(&seq);
         pb::RequestId {
@@ -375,10 +476,10 @@ impl Client {
     }
 
     fn end_write(&self, id: &pb::RequestId) {
-        Self::lock(&self.inner.inflight).remove(&id.seq);
+        Self::guard(&self.inner.inflight).remove(&id.seq);
     }
 
-    /// Runs one request with routing and retries.
+    /// Runs one Kv request with routing and retries.
     async fn call<Req, Resp, F, Fut>(
         &self,
         group: Option<u64>,
@@ -391,6 +492,25 @@ impl Client {
         F: Fn(KvClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
+        self.call_on(group, kind, req, |ch, r| {
+            send(KvClient::new(ch).max_decoding_message_size(usize::MAX), r)
+        })
+        .await
+    }
+
+    /// Runs one request of any service with routing and retries.
+    async fn call_on<Req, Resp, F, Fut>(
+        &self,
+        group: Option<u64>,
+        kind: Kind,
+        req: Req,
+        send: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
         let config = &self.inner.config;
         let deadline = Instant::now() + config.request_timeout;
         let mut maybe_applied = false;
@@ -399,8 +519,9 @@ impl Client {
             let addr = self.target(group);
             let mut request = Request::new(req.clone());
             request.set_timeout(config.attempt_timeout);
-            let client = KvClient::new(self.channel(&addr)?).max_decoding_message_size(usize::MAX);
-            let outcome = tokio::time::timeout(config.attempt_timeout, send(client, request)).await;
+            let outcome =
+                tokio::time::timeout(config.attempt_timeout, send(self.channel(&addr)?, request))
+                    .await;
             let mut hinted = false;
             let last_error;
             match outcome {
@@ -411,7 +532,7 @@ impl Client {
                         .and_then(|d| d.kind);
                     match (status.code(), detail) {
                         (Code::Unavailable, Some(pb::error_detail::Kind::NotLeader(nl))) => {
-                            let mut leaders = Self::lock(&self.inner.leaders);
+                            let mut leaders = Self::guard(&self.inner.leaders);
                             if !nl.leader_addr.is_empty() && nl.leader_addr != addr {
                                 leaders.insert(nl.group_id, nl.leader_addr.clone());
                                 hinted = true;
@@ -446,7 +567,7 @@ impl Client {
                             maybe_applied = true;
                             self.drop_channel(&addr);
                             if let Some(g) = group {
-                                Self::lock(&self.inner.leaders).remove(&g);
+                                Self::guard(&self.inner.leaders).remove(&g);
                             }
                         }
                         (Code::InvalidArgument, _) => {
@@ -460,7 +581,7 @@ impl Client {
                     maybe_applied = true;
                     self.drop_channel(&addr);
                     if let Some(g) = group {
-                        Self::lock(&self.inner.leaders).remove(&g);
+                        Self::guard(&self.inner.leaders).remove(&g);
                     }
                     last_error = format!("{addr}: no reply within {:?}", config.attempt_timeout);
                 }
@@ -492,6 +613,23 @@ impl Client {
         self.put_request(pb::PutRequest {
             key: key.into(),
             value: value.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Sets `key` to `value` only if `token` is still its lock's current
+    /// token (`FAILED_PRECONDITION` otherwise, see [`stale_fence_detail`]).
+    pub async fn put_fenced(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        token: &FencingToken,
+    ) -> Result<pb::PutResponse, Error> {
+        self.put_request(pb::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            fence: Some(token.fence()),
             ..Default::default()
         })
         .await
@@ -724,6 +862,169 @@ impl Client {
         Ok((resp.succeeded, resp))
     }
 
+    /// Creates a lease of `ttl` in the group of `key` (locks held with it and
+    /// keys attached to it must be in that group); returns its id.
+    pub async fn lease_grant(&self, ttl: Duration, key: &[u8]) -> Result<u64, Error> {
+        let req = pb::LeaseGrantRequest {
+            ttl_ms: ttl.as_millis() as u64,
+            key: key.to_vec(),
+        };
+        let group = if key.is_empty() {
+            Some(1)
+        } else {
+            self.group_for_key(key)
+        };
+        let r = self
+            .call_on(group, Kind::Write, req, |ch, r| async move {
+                LeaseClient::new(ch).lease_grant(r).await
+            })
+            .await?;
+        Ok(r.lease_id)
+    }
+
+    /// Restarts lease `id`'s TTL; returns the TTL.
+    pub async fn lease_keep_alive(&self, id: u64) -> Result<Duration, Error> {
+        let r = self
+            .call_on(
+                Some(lease_group(id)),
+                Kind::Read,
+                pb::LeaseKeepAliveRequest { lease_id: id },
+                |ch, r| async move { LeaseClient::new(ch).lease_keep_alive(r).await },
+            )
+            .await?;
+        Ok(Duration::from_millis(r.ttl_ms))
+    }
+
+    /// Ends lease `id` now: its keys are deleted, its locks released.
+    pub async fn lease_revoke(&self, id: u64) -> Result<(), Error> {
+        self.call_on(
+            Some(lease_group(id)),
+            Kind::Write,
+            pb::LeaseRevokeRequest { lease_id: id },
+            |ch, r| async move { LeaseClient::new(ch).lease_revoke(r).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Lease `id`'s TTL, time left, keys and locks.
+    pub async fn lease_time_to_live(&self, id: u64) -> Result<pb::LeaseTimeToLiveResponse, Error> {
+        self.call_on(
+            Some(lease_group(id)),
+            Kind::Read,
+            pb::LeaseTimeToLiveRequest { lease_id: id },
+            |ch, r| async move { LeaseClient::new(ch).lease_time_to_live(r).await },
+        )
+        .await
+    }
+
+    /// Takes lock `name` with lease `lease`, waiting up to `wait` for it.
+    pub async fn lock(
+        &self,
+        name: impl Into<Vec<u8>>,
+        lease: u64,
+        wait: Duration,
+    ) -> Result<FencingToken, Error> {
+        let name = name.into();
+        let req = pb::LockRequest {
+            name: name.clone(),
+            lease_id: lease,
+            wait_ms: wait.as_millis() as u64,
+        };
+        let r = self
+            .call_on(
+                self.group_for_key(&name),
+                Kind::Write,
+                req,
+                |ch, r| async move { LockClient::new(ch).lock(r).await },
+            )
+            .await?;
+        let t = r.token.unwrap_or_default();
+        Ok(FencingToken {
+            lock: name,
+            token: t.token,
+            term: t.term,
+        })
+    }
+
+    /// Releases a lock held with `token`.
+    pub async fn unlock(&self, token: &FencingToken) -> Result<(), Error> {
+        let req = pb::UnlockRequest {
+            name: token.lock.clone(),
+            token: token.token,
+        };
+        self.call_on(
+            self.group_for_key(&token.lock),
+            Kind::Write,
+            req,
+            |ch, r| async move { LockClient::new(ch).unlock(r).await },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Whether `token` is its lock's current token; with the current one.
+    pub async fn check_fence(&self, token: &FencingToken) -> Result<(bool, u64), Error> {
+        let req = pb::CheckFenceRequest {
+            name: token.lock.clone(),
+            token: token.token,
+        };
+        let r = self
+            .call_on(
+                self.group_for_key(&token.lock),
+                Kind::Read,
+                req,
+                |ch, r| async move { LockClient::new(ch).check_fence(r).await },
+            )
+            .await?;
+        Ok((r.valid, r.current_token))
+    }
+
+    /// Takes lock `name` with a fresh lease of `ttl` that a background task
+    /// keeps alive (every `ttl / 3`) until the guard is released or dropped.
+    pub async fn lock_with_lease(
+        &self,
+        name: impl Into<Vec<u8>>,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<LockGuard, Error> {
+        let name = name.into();
+        let lease = self.lease_grant(ttl, &name).await?;
+        // Keep the lease alive while waiting, too: the wait may outlast it.
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keepalive = {
+            let client = self.clone();
+            let lost = lost.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    if let Err(e) = client.lease_keep_alive(lease).await {
+                        tracing::warn!(lease, error = %e, "lease keep-alive failed");
+                        if e.code() == Code::NotFound {
+                            lost.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let token = match self.lock(name, lease, wait).await {
+            Ok(t) => t,
+            Err(e) => {
+                keepalive.abort();
+                let _ = self.lease_revoke(lease).await;
+                return Err(e);
+            }
+        };
+        Ok(LockGuard {
+            client: self.clone(),
+            token,
+            lease,
+            lost,
+            keepalive,
+        })
+    }
+
     /// Runs an admin call at the first endpoint that answers (nodes forward
     /// it to the group leader that must run it).
     async fn admin<Resp, F, Fut>(&self, call: F) -> Result<Resp, Error>
@@ -810,9 +1111,9 @@ impl Client {
                 {
                     Ok(Ok(resp)) => {
                         let status = resp.into_inner();
-                        *Self::lock(&self.inner.shard) =
+                        *Self::guard(&self.inner.shard) =
                             ShardMap::new(u64::from(status.data_groups));
-                        *Self::lock(&self.inner.nodes) = status
+                        *Self::guard(&self.inner.nodes) = status
                             .nodes
                             .iter()
                             .map(|n| (n.id, n.addr.clone()))

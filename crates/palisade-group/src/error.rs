@@ -3,7 +3,7 @@
 use palisade_storage::StoreError;
 use thiserror::Error;
 
-use crate::types::{GroupId, NodeId};
+use crate::types::{GroupId, NodeId, Rejection};
 
 #[derive(Debug, Error)]
 pub enum GroupError {
@@ -31,6 +31,9 @@ pub enum GroupError {
         revision: u64,
         lagging: Vec<NodeId>,
     },
+    /// The state machine refused the command (on every replica alike).
+    #[error("{}", describe(.0))]
+    Rejected(Rejection),
     /// The group's Raft instance stopped on this node (e.g. a storage error).
     #[error("group {group} stopped on this node: {reason}")]
     Stopped { group: GroupId, reason: String },
@@ -38,4 +41,25 @@ pub enum GroupError {
     Raft { group: GroupId, message: String },
     #[error(transparent)]
     Storage(#[from] StoreError),
+}
+
+fn describe(r: &Rejection) -> String {
+    match r {
+        Rejection::StaleFence { lock, current: 0 } => format!(
+            "fenced write refused: lock {:?} is not held (its holder's lease ended)",
+            String::from_utf8_lossy(lock)
+        ),
+        Rejection::StaleFence { lock, current } => format!(
+            "fenced write refused: the fencing token is not lock {:?}'s current token {current}",
+            String::from_utf8_lossy(lock)
+        ),
+        Rejection::LeaseNotFound { id } => format!("lease {id} not found (expired or revoked)"),
+        Rejection::LockHeld { lease, token } => {
+            format!("lock is held with lease {lease} (token {token})")
+        }
+        Rejection::NotLockHolder { current: 0 } => "unlock refused: the lock is not held".into(),
+        Rejection::NotLockHolder { current } => {
+            format!("unlock refused: the lock's current token is {current}")
+        }
+    }
 }

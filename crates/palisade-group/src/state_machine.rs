@@ -20,11 +20,14 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
-use palisade_storage::{Flusher, SnapshotStore, StateBatch, StateTree, StoreError};
+use palisade_storage::{
+    Flusher, LeaseRecord, LockRecord, SnapshotStore, StateBatch, StateTree, StoreError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    Command, CommandOp, CommandResult, GroupId, NodeId, OpResult, Txn, TxnOp, TypeConfig,
+    Command, CommandOp, CommandResult, GroupId, LEASE_GROUP_SHIFT, NodeId, OpResult, Rejection,
+    Txn, TxnOp, TypeConfig,
 };
 
 const APPLIED: &str = "applied";
@@ -72,7 +75,8 @@ impl StateMachine {
 
     fn apply_command(
         batch: &mut StateBatch<'_>,
-        revision: u64,
+        group: GroupId,
+        log_id: &LogId<NodeId>,
         cmd: &Command,
     ) -> Result<CommandResult, StoreError> {
         if let Some(id) = &cmd.request_id
@@ -81,15 +85,48 @@ impl StateMachine {
             // A retry of a write that already applied: answer as before.
             return decode_result(&done);
         }
-        let CommandOp::Txn(txn) = &cmd.op else {
+        let revision = log_id.index;
+        let result = match &cmd.op {
+            CommandOp::Txn(txn) => Self::apply_txn(batch, revision, txn)?,
             // Compactions are applied by `apply`, in a batch of their own.
-            return Ok(CommandResult {
+            CommandOp::Compact { .. } => CommandResult {
                 revision,
-                succeeded: false,
-                results: Vec::new(),
-            });
+                ..CommandResult::default()
+            },
+            CommandOp::LeaseGrant { ttl_ms } => {
+                let id = (group << LEASE_GROUP_SHIFT) | revision;
+                let record = LeaseRecord {
+                    ttl_ms: *ttl_ms,
+                    ..LeaseRecord::default()
+                };
+                batch.lease_put(id, &record)?;
+                applied(
+                    revision,
+                    vec![OpResult::LeaseGranted {
+                        id,
+                        ttl_ms: *ttl_ms,
+                    }],
+                )
+            }
+            CommandOp::LeaseRevoke { id } => Self::end_lease(batch, revision, *id)?,
+            CommandOp::Lock { name, lease } => Self::lock(batch, log_id, name, *lease)?,
+            CommandOp::Unlock { name, token } => match batch.lock_get(name)? {
+                Some(held) if held.token == *token => {
+                    batch.lock_delete(name);
+                    if let Some(mut lease) = batch.lease_get(held.lease)? {
+                        lease.locks.remove(name);
+                        batch.lease_put(held.lease, &lease)?;
+                    }
+                    applied(revision, Vec::new())
+                }
+                other => rejected(
+                    revision,
+                    Rejection::NotLockHolder {
+                        current: other.map_or(0, |l| l.token),
+                    },
+                ),
+            },
         };
-        let result = Self::apply_txn(batch, revision, txn)?;
         if let Some(id) = &cmd.request_id {
             batch.dedup_put(id.client_id, id.seq, encode_result(&result)?);
             batch.dedup_forget_below(id.client_id, id.first_incomplete_seq.min(id.seq))?;
@@ -97,11 +134,101 @@ impl StateMachine {
         Ok(result)
     }
 
+    /// Ends lease `id`: deletes the keys still attached to it and releases
+    /// the locks still held with it.
+    fn end_lease(
+        batch: &mut StateBatch<'_>,
+        revision: u64,
+        id: u64,
+    ) -> Result<CommandResult, StoreError> {
+        let Some(lease) = batch.lease_get(id)? else {
+            return Ok(rejected(revision, Rejection::LeaseNotFound { id }));
+        };
+        for key in &lease.keys {
+            if batch.get(key)?.is_some_and(|r| r.lease == id) {
+                batch.delete(key, revision)?;
+            }
+        }
+        for name in &lease.locks {
+            if batch.lock_get(name)?.is_some_and(|l| l.lease == id) {
+                batch.lock_delete(name);
+            }
+        }
+        batch.lease_delete(id);
+        Ok(applied(revision, Vec::new()))
+    }
+
+    /// Takes lock `name` with `lease` if it is free; re-taking it with the
+    /// same lease returns the token it already has.
+    fn lock(
+        batch: &mut StateBatch<'_>,
+        log_id: &LogId<NodeId>,
+        name: &[u8],
+        lease_id: u64,
+    ) -> Result<CommandResult, StoreError> {
+        let revision = log_id.index;
+        let Some(mut lease) = batch.lease_get(lease_id)? else {
+            return Ok(rejected(
+                revision,
+                Rejection::LeaseNotFound { id: lease_id },
+            ));
+        };
+        match batch.lock_get(name)? {
+            Some(held) if held.lease == lease_id => Ok(applied(
+                revision,
+                vec![OpResult::LockAcquired {
+                    token: held.token,
+                    term: held.term,
+                }],
+            )),
+            Some(held) => Ok(rejected(
+                revision,
+                Rejection::LockHeld {
+                    lease: held.lease,
+                    token: held.token,
+                },
+            )),
+            None => {
+                // The entry's log index: unique and increasing across every
+                // leader of the group, unlike a term.
+                let record = LockRecord {
+                    lease: lease_id,
+                    token: revision,
+                    term: log_id.leader_id.term,
+                };
+                batch.lock_put(name, &record)?;
+                lease.locks.insert(name.to_vec());
+                batch.lease_put(lease_id, &lease)?;
+                Ok(applied(
+                    revision,
+                    vec![OpResult::LockAcquired {
+                        token: record.token,
+                        term: record.term,
+                    }],
+                ))
+            }
+        }
+    }
+
     fn apply_txn(
         batch: &mut StateBatch<'_>,
         revision: u64,
         txn: &Txn,
     ) -> Result<CommandResult, StoreError> {
+        // The fence is checked in the same apply as the write: no window
+        // between the check and the effect.
+        if let Some(fence) = &txn.fence {
+            let current = batch.lock_get(&fence.lock)?.map_or(0, |l| l.token);
+            if current == 0 || current != fence.token {
+                return Ok(rejected(
+                    revision,
+                    Rejection::StaleFence {
+                        lock: fence.lock.clone(),
+                        current,
+                    },
+                ));
+            }
+        }
         let mut succeeded = true;
         for c in &txn.compares {
             if !c.holds(batch.get(&c.key)?.as_ref()) {
@@ -114,15 +241,35 @@ impl StateMachine {
         } else {
             &txn.failure
         };
+        for op in branch {
+            if let TxnOp::Put { lease, .. } = op
+                && *lease != 0
+                && batch.lease_get(*lease)?.is_none()
+            {
+                return Ok(rejected(revision, Rejection::LeaseNotFound { id: *lease }));
+            }
+        }
         let mut results = Vec::with_capacity(branch.len());
         for op in branch {
             results.push(match op {
-                TxnOp::Put { key, value } => OpResult::Put {
-                    prev: batch.put(key, value.clone(), revision)?,
-                },
-                TxnOp::Delete { key } => OpResult::Delete {
-                    prev: batch.delete(key, revision)?,
-                },
+                TxnOp::Put { key, value, lease } => {
+                    let prev = batch.get(key)?;
+                    let was = prev.as_ref().map_or(0, |r| r.lease);
+                    if was != *lease {
+                        Self::detach(batch, key, was)?;
+                        Self::attach(batch, key, *lease)?;
+                    }
+                    OpResult::Put {
+                        prev: batch.put_with_lease(key, value.clone(), revision, *lease)?,
+                    }
+                }
+                TxnOp::Delete { key } => {
+                    let prev = batch.delete(key, revision)?;
+                    if let Some(p) = &prev {
+                        Self::detach(batch, key, p.lease)?;
+                    }
+                    OpResult::Delete { prev }
+                }
                 TxnOp::Get { key } => OpResult::Get {
                     record: batch.get(key)?,
                 },
@@ -132,7 +279,28 @@ impl StateMachine {
             revision,
             succeeded,
             results,
+            rejected: None,
         })
+    }
+
+    fn attach(batch: &mut StateBatch<'_>, key: &[u8], lease: u64) -> Result<(), StoreError> {
+        if lease != 0
+            && let Some(mut record) = batch.lease_get(lease)?
+        {
+            record.keys.insert(key.to_vec());
+            batch.lease_put(lease, &record)?;
+        }
+        Ok(())
+    }
+
+    fn detach(batch: &mut StateBatch<'_>, key: &[u8], lease: u64) -> Result<(), StoreError> {
+        if lease != 0
+            && let Some(mut record) = batch.lease_get(lease)?
+        {
+            record.keys.remove(key);
+            batch.lease_put(lease, &record)?;
+        }
+        Ok(())
     }
 
     fn read_snapshot(&self) -> Result<Option<(SnapMeta, Vec<u8>)>, StoreError> {
@@ -140,6 +308,24 @@ impl StateMachine {
             return Ok(None);
         };
         Ok(Some((decode(&meta)?, data)))
+    }
+}
+
+fn applied(revision: u64, results: Vec<OpResult>) -> CommandResult {
+    CommandResult {
+        revision,
+        succeeded: true,
+        results,
+        rejected: None,
+    }
+}
+
+fn rejected(revision: u64, why: Rejection) -> CommandResult {
+    CommandResult {
+        revision,
+        succeeded: false,
+        results: Vec::new(),
+        rejected: Some(why),
     }
 }
 
@@ -269,11 +455,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             let revision = entry.log_id.index;
             let result = match &entry.payload {
-                EntryPayload::Blank => CommandResult {
-                    revision,
-                    succeeded: true,
-                    results: Vec::new(),
-                },
+                EntryPayload::Blank => applied(revision, Vec::new()),
                 EntryPayload::Normal(Command {
                     op: CommandOp::Compact { revision: to },
                     ..
@@ -286,22 +468,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // Never past this entry: revisions above it do not exist.
                     let succeeded = batch.compact((*to).min(revision)).map_err(sm_write_err)?;
                     CommandResult {
-                        revision,
                         succeeded,
-                        results: Vec::new(),
+                        ..applied(revision, Vec::new())
                     }
                 }
                 EntryPayload::Normal(cmd) => {
-                    Self::apply_command(&mut batch, revision, cmd).map_err(sm_write_err)?
+                    Self::apply_command(&mut batch, self.group, &entry.log_id, cmd)
+                        .map_err(sm_write_err)?
                 }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     batch.set_meta(MEMBERSHIP, &stored).map_err(sm_write_err)?;
-                    CommandResult {
-                        revision,
-                        succeeded: true,
-                        results: Vec::new(),
-                    }
+                    applied(revision, Vec::new())
                 }
             };
             results.push(result);
@@ -425,6 +603,7 @@ mod tests {
             Txn::single(TxnOp::Put {
                 key: key.into(),
                 value: value.into(),
+                lease: 0,
             }),
         )
     }
@@ -441,8 +620,10 @@ mod tests {
                 success: vec![TxnOp::Put {
                     key: key.into(),
                     value: new.into(),
+                    lease: 0,
                 }],
                 failure: vec![TxnOp::Get { key: key.into() }],
+                fence: None,
             },
         )
     }
@@ -554,6 +735,91 @@ mod tests {
         assert!(!r[0].succeeded, "compaction never moves backwards");
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(7));
+    }
+
+    #[tokio::test]
+    async fn locks_hand_out_increasing_tokens_and_fence_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let op = |op| Command {
+            request_id: None,
+            op,
+        };
+        let fenced = |value: &str, token| {
+            let mut c = put("data", value);
+            if let CommandOp::Txn(t) = &mut c.op {
+                t.fence = Some(crate::types::Fence {
+                    lock: b"L".to_vec(),
+                    token,
+                });
+            }
+            c
+        };
+        let r = sm
+            .apply(vec![
+                entry(1, op(CommandOp::LeaseGrant { ttl_ms: 1000 })),
+                entry(2, op(CommandOp::LeaseGrant { ttl_ms: 1000 })),
+            ])
+            .await
+            .unwrap();
+        let lease = |r: &CommandResult| match r.results[0] {
+            OpResult::LeaseGranted { id, .. } => id,
+            _ => panic!("no lease"),
+        };
+        let (a, b) = (lease(&r[0]), lease(&r[1]));
+        assert_eq!(a, (1 << LEASE_GROUP_SHIFT) | 1);
+        let r = sm
+            .apply(vec![
+                entry(
+                    3,
+                    op(CommandOp::Lock {
+                        name: b"L".to_vec(),
+                        lease: a,
+                    }),
+                ),
+                entry(
+                    4,
+                    op(CommandOp::Lock {
+                        name: b"L".to_vec(),
+                        lease: b,
+                    }),
+                ),
+                entry(5, fenced("a1", 3)),
+                entry(6, op(CommandOp::LeaseRevoke { id: a })),
+                entry(
+                    7,
+                    op(CommandOp::Lock {
+                        name: b"L".to_vec(),
+                        lease: b,
+                    }),
+                ),
+                entry(8, fenced("a2", 3)),
+                entry(9, fenced("b1", 7)),
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(
+            r[0].results[0],
+            OpResult::LockAcquired { token: 3, .. }
+        ));
+        assert!(matches!(
+            r[1].rejected,
+            Some(Rejection::LockHeld { token: 3, .. })
+        ));
+        assert!(r[2].rejected.is_none());
+        assert!(matches!(
+            r[4].results[0],
+            OpResult::LockAcquired { token: 7, .. }
+        ));
+        assert_eq!(
+            r[5].rejected,
+            Some(Rejection::StaleFence {
+                lock: b"L".to_vec(),
+                current: 7
+            })
+        );
+        assert!(r[6].rejected.is_none());
+        assert_eq!(sm.state.get(b"data").unwrap().0.unwrap().value, b"b1");
     }
 
     #[tokio::test]

@@ -67,14 +67,63 @@ pub enum CommandOp {
     /// Drop history below `revision` (MVCC compaction). Succeeds only when
     /// it moves the compaction point forward.
     Compact { revision: u64 },
+    /// Create a lease; its id is `group << 48 | this entry's index`.
+    LeaseGrant { ttl_ms: u64 },
+    /// End a lease (revoked by a client, or expired by the leader's clock):
+    /// delete its keys and release its locks.
+    LeaseRevoke { id: u64 },
+    /// Take lock `name` with `lease`, if it is free (or already held with
+    /// that lease). The fencing token is this entry's index.
+    Lock { name: Vec<u8>, lease: u64 },
+    /// Release lock `name` if `token` is its current token.
+    Unlock { name: Vec<u8>, token: u64 },
 }
 
-/// If every compare holds, apply `success`, else `failure`.
+/// Bits of a lease id below the group id.
+pub const LEASE_GROUP_SHIFT: u32 = 48;
+
+/// The group a lease lives in.
+pub fn lease_group(id: u64) -> GroupId {
+    id >> LEASE_GROUP_SHIFT
+}
+
+/// A fenced write's fence: the lock whose current token it must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub lock: Vec<u8>,
+    pub token: u64,
+}
+
+/// Why the state machine refused a command (every replica refuses alike).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The fence's token is not the lock's current one (0: not held).
+    StaleFence {
+        lock: Vec<u8>,
+        current: u64,
+    },
+    LeaseNotFound {
+        id: u64,
+    },
+    /// The lock is held with another lease.
+    LockHeld {
+        lease: u64,
+        token: u64,
+    },
+    /// Unlock with a token that is not the lock's current one.
+    NotLockHolder {
+        current: u64,
+    },
+}
+
+/// If every compare holds, apply `success`, else `failure`. With a fence,
+/// nothing applies unless the fence's token is its lock's current one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
     pub compares: Vec<Compare>,
     pub success: Vec<TxnOp>,
     pub failure: Vec<TxnOp>,
+    pub fence: Option<Fence>,
 }
 
 impl Txn {
@@ -84,22 +133,37 @@ impl Txn {
             compares: Vec::new(),
             success: vec![op],
             failure: Vec::new(),
+            fence: None,
         }
     }
 
     /// Every key the transaction touches.
     pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
         let ops = self.success.iter().chain(&self.failure).map(TxnOp::key);
-        self.compares.iter().map(|c| c.key.as_slice()).chain(ops)
+        let fence = self.fence.iter().map(|f| f.lock.as_slice());
+        self.compares
+            .iter()
+            .map(|c| c.key.as_slice())
+            .chain(ops)
+            .chain(fence)
     }
 }
 
 /// One operation inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
-    Get { key: Vec<u8> },
+    /// `lease`: attach the key to this lease (0: none).
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: u64,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    Get {
+        key: Vec<u8>,
+    },
 }
 
 impl TxnOp {
@@ -177,6 +241,8 @@ pub struct CommandResult {
     pub succeeded: bool,
     /// One result per operation of the branch that ran.
     pub results: Vec<OpResult>,
+    /// Set when the command was refused; nothing else changed.
+    pub rejected: Option<Rejection>,
 }
 
 /// The result of one transaction operation.
@@ -185,6 +251,8 @@ pub enum OpResult {
     Put { prev: Option<KeyRecord> },
     Delete { prev: Option<KeyRecord> },
     Get { record: Option<KeyRecord> },
+    LeaseGranted { id: u64, ttl_ms: u64 },
+    LockAcquired { token: u64, term: u64 },
 }
 
 #[cfg(test)]
@@ -197,6 +265,7 @@ mod tests {
             create_revision: 3,
             mod_revision: 7,
             version,
+            lease: 0,
         }
     }
 

@@ -11,11 +11,15 @@
 //! | write outcome unknown | `DEADLINE_EXCEEDED` | `UnknownOutcome`  |
 //! | ack=ALL not everywhere| `DEADLINE_EXCEEDED` | `NotEverywhere`   |
 //! | compacted/future rev. | `OUT_OF_RANGE`      | `Compacted`       |
+//! | stale fence / unlock  | `FAILED_PRECONDITION` | `StaleFence`    |
+//! | lease not found       | `NOT_FOUND`         | —                 |
+//! | lock held (timed out) | `DEADLINE_EXCEEDED` | —                 |
 //! | storage, internal     | `INTERNAL`          | —                 |
 
 use palisade_group::GroupError;
+use palisade_group::Rejection;
 use palisade_proto::v1::{
-    Compacted, ErrorDetail, NotEverywhere, NotLeader, UnknownOutcome, error_detail,
+    Compacted, ErrorDetail, NotEverywhere, NotLeader, StaleFence, UnknownOutcome, error_detail,
 };
 use palisade_storage::StoreError;
 use prost::Message;
@@ -125,6 +129,26 @@ impl From<ServerError> for Status {
                     lagging_node_ids: lagging,
                 }),
             ),
+            ServerError::Group(GroupError::Rejected(r)) => match r {
+                Rejection::StaleFence { lock, current } => with_detail(
+                    Code::FailedPrecondition,
+                    msg,
+                    error_detail::Kind::StaleFence(StaleFence {
+                        lock,
+                        current_token: current,
+                    }),
+                ),
+                Rejection::NotLockHolder { current } => with_detail(
+                    Code::FailedPrecondition,
+                    msg,
+                    error_detail::Kind::StaleFence(StaleFence {
+                        lock: Vec::new(),
+                        current_token: current,
+                    }),
+                ),
+                Rejection::LeaseNotFound { .. } => Status::not_found(msg),
+                Rejection::LockHeld { .. } => Status::deadline_exceeded(msg),
+            },
             ServerError::Revision { group, source } => {
                 let (requested, oldest, current) = match source {
                     StoreError::Compacted { requested, oldest } => (requested, oldest, 0),

@@ -9,7 +9,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use palisade_group::{Command, CommandResult, GroupError, OpResult, RaftGroup, RequestId, Txn};
+use palisade_group::{
+    Command, CommandResult, GroupError, OpResult, RaftGroup, RequestId, Txn, TxnOp,
+};
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::kv_client::KvClient;
 use palisade_proto::v1::kv_server::Kv;
@@ -106,6 +108,10 @@ impl KvService {
                 self.node.config.write_timeout,
             )
             .await?;
+        // Refused by the state machine (e.g. a stale fence): nothing changed.
+        if let Some(r) = res.rejected {
+            return Err(GroupError::Rejected(r));
+        }
         if ack == pb::WriteAck::All {
             self.wait_everywhere(group, res.revision).await?;
         }
@@ -303,7 +309,7 @@ impl Kv for KvService {
         let txn = validate::put_txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
         let ack = validate::write_ack(req.ack)?;
-        let group = self.node.group_for_key(&req.key)?;
+        let group = self.node.group(txn_group(self.node.shard_map(), &txn)?)?;
         match self.write(group, rid, txn, ack).await {
             Ok(res) => {
                 let prev = match res.results.into_iter().next() {
@@ -392,7 +398,7 @@ impl Kv for KvService {
         let txn = validate::delete_txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
         let ack = validate::write_ack(req.ack)?;
-        let group = self.node.group_for_key(&req.key)?;
+        let group = self.node.group(txn_group(self.node.shard_map(), &txn)?)?;
         match self.write(group, rid, txn, ack).await {
             Ok(res) => {
                 let prev = match res.results.into_iter().next() {
@@ -595,23 +601,40 @@ impl KvService {
     }
 }
 
-/// The one group that owns every key of `txn`.
-fn txn_group(shard: palisade_shard::ShardMap, txn: &Txn) -> Result<u64, ServerError> {
+/// The one group that owns every key of `txn` (and its fence's lock, and
+/// the leases its puts attach keys to).
+pub(crate) fn txn_group(shard: palisade_shard::ShardMap, txn: &Txn) -> Result<u64, ServerError> {
     let mut keys = txn.keys();
     let first = keys
         .next()
         .ok_or_else(|| ServerError::InvalidArgument("transaction has no keys".into()))?;
     let group = shard.group_for_key(first);
-    match keys.find(|k| shard.group_for_key(k) != group) {
-        None => Ok(group),
-        Some(other) => Err(ServerError::InvalidArgument(format!(
-            "all keys of a transaction must belong to one group: {:?} is in group {} but {:?} is in group {}",
+    if let Some(other) = keys.find(|k| shard.group_for_key(k) != group) {
+        let what = match &txn.fence {
+            Some(f) if f.lock == other => "a fenced write's lock",
+            _ => "all keys of a transaction",
+        };
+        return Err(ServerError::InvalidArgument(format!(
+            "{what} must belong to one group: {:?} is in group {} but {:?} is in group {} (co-locate them with a hash tag, e.g. {{tag}}lock and {{tag}}key)",
             String::from_utf8_lossy(first),
             group,
             String::from_utf8_lossy(other),
             shard.group_for_key(other)
-        ))),
+        )));
     }
+    for op in txn.success.iter().chain(&txn.failure) {
+        if let TxnOp::Put { key, lease, .. } = op
+            && *lease != 0
+            && palisade_group::lease_group(*lease) != group
+        {
+            return Err(ServerError::InvalidArgument(format!(
+                "lease {lease} lives in group {} but key {:?} is in group {group}: grant the lease with a key of the same group",
+                palisade_group::lease_group(*lease),
+                String::from_utf8_lossy(key)
+            )));
+        }
+    }
+    Ok(group)
 }
 
 fn op_response(op: &pb::RequestOp, result: OpResult, header: pb::ResponseHeader) -> pb::ResponseOp {

@@ -21,6 +21,8 @@ use palisade_group::{
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::admin_server::AdminServer;
 use palisade_proto::v1::kv_server::KvServer;
+use palisade_proto::v1::lease_server::LeaseServer;
+use palisade_proto::v1::lock_server::LockServer;
 use palisade_proto::v1::peer_server::PeerServer;
 use palisade_shard::ShardMap;
 use palisade_storage::NodeStore;
@@ -29,7 +31,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
 use crate::error::ServerError;
-use crate::{admin, kv, peer};
+use crate::{admin, kv, lock, peer};
 
 /// Node-level fact: number of data groups fixed at bootstrap.
 const DATA_GROUPS_FACT: &str = "data_groups";
@@ -43,6 +45,8 @@ pub struct Node {
     groups: BTreeMap<GroupId, Arc<RaftGroup>>,
     shard: ShardMap,
     pub(crate) channels: PeerChannels,
+    /// Lease deadlines of the groups this node leads.
+    pub(crate) lease_clock: crate::lock::LeaseClock,
 }
 
 impl Node {
@@ -124,8 +128,10 @@ impl Node {
             groups,
             shard,
             channels,
+            lease_clock: crate::lock::LeaseClock::default(),
         });
         spawn_history_retention(&node);
+        crate::lock::spawn_lease_expiry(&node);
         Ok(node)
     }
 
@@ -165,6 +171,8 @@ impl Node {
         let kv =
             KvServer::new(kv::KvService::new(self.clone())).max_decoding_message_size(max_request);
         let admin = AdminServer::new(admin::AdminService::new(self.clone()));
+        let lease = LeaseServer::new(lock::LeaseService::new(self.clone()));
+        let lock = LockServer::new(lock::LockService::new(self.clone()));
         let peer = PeerServer::new(peer::PeerService::new(self.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -172,6 +180,8 @@ impl Node {
             .tcp_nodelay(true)
             .add_service(kv)
             .add_service(admin)
+            .add_service(lease)
+            .add_service(lock)
             .add_service(peer)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

@@ -3,7 +3,7 @@
 //! Every check happens before anything is proposed, so a rejected request
 //! changes nothing. Errors name the limit or field at fault.
 
-use palisade_group::{Compare, CompareOp, CompareTarget, RequestId, Txn, TxnOp};
+use palisade_group::{Compare, CompareOp, CompareTarget, Fence, RequestId, Txn, TxnOp};
 use palisade_proto::v1 as pb;
 use palisade_storage::keys::prefix_end;
 
@@ -65,20 +65,40 @@ pub fn write_ack(ack: i32) -> Result<pb::WriteAck, ServerError> {
     pb::WriteAck::try_from(ack).map_err(|_| invalid(format!("unknown write ack level {ack}")))
 }
 
+/// Converts an optional fence.
+pub fn fence(limits: &Limits, fence: Option<&pb::Fence>) -> Result<Option<Fence>, ServerError> {
+    let Some(f) = fence else { return Ok(None) };
+    check_key(limits, &f.lock).map_err(|e| invalid(format!("fence.lock: {e}")))?;
+    if f.token == 0 {
+        return Err(invalid("fence.token must be a fencing token (non-zero)"));
+    }
+    Ok(Some(Fence {
+        lock: f.lock.clone(),
+        token: f.token,
+    }))
+}
+
 pub fn put_txn(limits: &Limits, req: &pb::PutRequest) -> Result<Txn, ServerError> {
     check_key(limits, &req.key)?;
     check_value(limits, &req.value)?;
-    Ok(Txn::single(TxnOp::Put {
-        key: req.key.clone(),
-        value: req.value.clone(),
-    }))
+    Ok(Txn {
+        fence: fence(limits, req.fence.as_ref())?,
+        ..Txn::single(TxnOp::Put {
+            key: req.key.clone(),
+            value: req.value.clone(),
+            lease: req.lease,
+        })
+    })
 }
 
 pub fn delete_txn(limits: &Limits, req: &pb::DeleteRequest) -> Result<Txn, ServerError> {
     check_key(limits, &req.key)?;
-    Ok(Txn::single(TxnOp::Delete {
-        key: req.key.clone(),
-    }))
+    Ok(Txn {
+        fence: fence(limits, req.fence.as_ref())?,
+        ..Txn::single(TxnOp::Delete {
+            key: req.key.clone(),
+        })
+    })
 }
 
 fn txn_op(limits: &Limits, op: &pb::RequestOp, at: &str) -> Result<TxnOp, ServerError> {
@@ -90,6 +110,7 @@ fn txn_op(limits: &Limits, op: &pb::RequestOp, at: &str) -> Result<TxnOp, Server
             Ok(TxnOp::Put {
                 key: p.key.clone(),
                 value: p.value.clone(),
+                lease: p.lease,
             })
         }
         Some(Request::Delete(d)) => {
@@ -149,7 +170,10 @@ fn compare(limits: &Limits, c: &pb::Compare, at: &str) -> Result<Compare, Server
 
 /// Converts and checks a transaction (not yet its group: see the server).
 pub fn txn(limits: &Limits, req: &pb::TxnRequest) -> Result<Txn, ServerError> {
-    let mut out = Txn::default();
+    let mut out = Txn {
+        fence: fence(limits, req.fence.as_ref())?,
+        ..Txn::default()
+    };
     for (i, c) in req.compare.iter().enumerate() {
         out.compares
             .push(compare(limits, c, &format!("compare[{i}]"))?);

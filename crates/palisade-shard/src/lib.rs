@@ -6,6 +6,11 @@
 //! `1..=data_groups`. Group 0 is the meta group and owns no user keys. The
 //! slot indirection is there so a later, dynamic map (owned by the meta group,
 //! with an epoch) can move slots between groups without rehashing keys.
+//!
+//! **Hash tags** co-locate keys: when a key contains `{tag}` (a non-empty run
+//! between the first `{` and the next `}`), only `tag` is hashed, so
+//! `{job7}lock` and `{job7}counter` always share a group — which single-group
+//! transactions and fenced writes (a lock and the keys it guards) need.
 
 /// Number of hash slots.
 pub const SLOTS: u64 = 4096;
@@ -40,15 +45,24 @@ impl ShardMap {
         group <= self.data_groups
     }
 
-    /// The slot of `key`.
+    /// The slot of `key` (of its hash tag, if it has one).
     pub fn slot(key: &[u8]) -> u64 {
-        fnv1a64(key) % SLOTS
+        fnv1a64(hash_tag(key).unwrap_or(key)) % SLOTS
     }
 
     /// The data group that owns `key`.
     pub fn group_for_key(&self, key: &[u8]) -> u64 {
         1 + Self::slot(key) % self.data_groups
     }
+}
+
+/// The hash tag of `key`: the bytes between its first `{` and the next `}`,
+/// when there are any.
+pub fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|b| *b == b'{')?;
+    let rest = &key[open + 1..];
+    let close = rest.iter().position(|b| *b == b'}')?;
+    (close > 0).then(|| &rest[..close])
 }
 
 /// 64-bit FNV-1a. Chosen for being trivially stable: the mapping of keys to
@@ -65,6 +79,23 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_tags_co_locate_keys() {
+        assert_eq!(hash_tag(b"{job7}lock"), Some(&b"job7"[..]));
+        assert_eq!(hash_tag(b"x{a}y{b}"), Some(&b"a"[..]));
+        assert_eq!(hash_tag(b"{}k"), None, "an empty tag does not count");
+        assert_eq!(hash_tag(b"no tag"), None);
+        assert_eq!(hash_tag(b"{open"), None);
+        let m = ShardMap::new(64).unwrap();
+        for tag in ["a", "job7", "users/42"] {
+            let g = m.group_for_key(format!("{{{tag}}}lock").as_bytes());
+            for suffix in ["counter", "x", "", "{other}"] {
+                let key = format!("pre{{{tag}}}{suffix}");
+                assert_eq!(m.group_for_key(key.as_bytes()), g, "{key}");
+            }
+        }
+    }
 
     #[test]
     fn hash_is_the_published_fnv1a() {

@@ -9,6 +9,8 @@
 //! | `0x01` | user key bytes              | bincode of [`KeyRecord`]      |
 //! | `0x02` | client id (BE) ++ seq (BE)  | the write's encoded result    |
 //! | `0x03` | escaped key ++ revision (BE)| bincode of a past version     |
+//! | `0x04` | lease id (BE)               | bincode of a lease record     |
+//! | `0x05` | lock name bytes             | bincode of a lock record      |
 //!
 //! History keys escape the user key (`0x00` → `0x00 0xff`, then the
 //! terminator `0x00 0x00`) so that they sort by user key first and revision
@@ -28,6 +30,35 @@ pub const DEDUP: u8 = 0x02;
 
 /// First byte of history records (superseded versions and tombstones).
 pub const HISTORY: u8 = 0x03;
+
+/// First byte of lease records.
+pub const LEASE: u8 = 0x04;
+/// First byte of lock records.
+pub const LOCK: u8 = 0x05;
+
+/// Key of a lease record.
+pub fn lease_key(id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = LEASE;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The lease id of an encoded lease key, if it is one.
+pub fn decode_lease_key(encoded: &[u8]) -> Option<u64> {
+    match encoded.split_first() {
+        Some((&LEASE, rest)) => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// Key of a lock record.
+pub fn lock_key(name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(LOCK);
+    k.extend_from_slice(name);
+    k
+}
 
 /// Appends `key` in the order-preserving, prefix-free escaped form.
 fn push_escaped(out: &mut Vec<u8>, key: &[u8]) {

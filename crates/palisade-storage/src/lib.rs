@@ -48,8 +48,8 @@ pub use flush::{FlushMode, FlushStats, Flusher};
 pub use log::LogStore;
 pub use snapshot::SnapshotStore;
 pub use state::{
-    KeyEntry, KeyHistory, KeyRecord, PastVersion, RawRecord, ScanResult, StateBatch, StateTree,
-    Version,
+    KeyEntry, KeyHistory, KeyRecord, LeaseRecord, LockRecord, PastVersion, RawRecord, ScanResult,
+    StateBatch, StateTree, Version,
 };
 
 /// Default bound on sled's page cache: sled's own default is 1 GiB, far too

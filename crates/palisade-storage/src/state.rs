@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use crate::StoreError;
 use crate::error::{decode, encode};
 use crate::keys::{
-    decode_history_key, decode_user_key, dedup_key, history_end, history_key, history_prefix,
-    meta_key, user_key, user_keys_end,
+    decode_history_key, decode_lease_key, decode_user_key, dedup_key, history_end, history_key,
+    history_prefix, lease_key, lock_key, meta_key, user_key, user_keys_end,
 };
 
 /// Meta record holding the compaction point.
@@ -58,6 +58,30 @@ pub struct KeyRecord {
     pub mod_revision: u64,
     /// Puts since creation (1 after the first).
     pub version: u64,
+    /// The lease the key is attached to (0: none); deleted when it ends.
+    pub lease: u64,
+}
+
+/// A lease: its time-to-live and what ends with it. Expiry times are not
+/// replicated state: the group leader measures them (see the server).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub ttl_ms: u64,
+    /// Keys attached to the lease.
+    pub keys: std::collections::BTreeSet<Vec<u8>>,
+    /// Locks held with the lease.
+    pub locks: std::collections::BTreeSet<Vec<u8>>,
+}
+
+/// A held lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// The lease it is held with.
+    pub lease: u64,
+    /// The fencing token: the log index of the entry that acquired it.
+    pub token: u64,
+    /// Term of that entry (reported, not compared).
+    pub term: u64,
 }
 
 /// A superseded version of a key, as kept in history.
@@ -320,6 +344,39 @@ impl StateTree {
         })
     }
 
+    /// A lease record.
+    pub fn lease(&self, id: u64) -> Result<Option<LeaseRecord>, StoreError> {
+        self.tree
+            .get(lease_key(id))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Every lease, by id.
+    pub fn leases(&self) -> Result<Vec<(u64, LeaseRecord)>, StoreError> {
+        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([crate::keys::LEASE]) {
+            let (k, v) = item?;
+            let id = decode_lease_key(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "malformed lease key".into(),
+            })?;
+            out.push((id, decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// A lock record, with the revision it was read at.
+    pub fn lock(&self, name: &[u8]) -> Result<(Option<LockRecord>, u64), StoreError> {
+        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let record = self
+            .tree
+            .get(lock_key(name))?
+            .map(|v| decode(&v))
+            .transpose()?;
+        Ok((record, self.revision()))
+    }
+
     /// Number of history records (superseded versions and tombstones).
     pub fn history_record_count(&self) -> Result<usize, StoreError> {
         let mut n = 0;
@@ -474,6 +531,17 @@ impl StateBatch<'_> {
         value: Vec<u8>,
         revision: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        self.put_with_lease(key, value, revision, 0)
+    }
+
+    /// Like [`Self::put`], attaching the key to `lease` (0: none).
+    pub fn put_with_lease(
+        &mut self,
+        key: &[u8],
+        value: Vec<u8>,
+        revision: u64,
+        lease: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let prev = self.get(key)?;
         match &prev {
             Some(p) => self.retire(key, p, revision)?,
@@ -489,12 +557,14 @@ impl StateBatch<'_> {
                 create_revision: p.create_revision,
                 mod_revision: revision,
                 version: p.version + 1,
+                lease,
             },
             None => KeyRecord {
                 value,
                 create_revision: revision,
                 mod_revision: revision,
                 version: 1,
+                lease,
             },
         };
         self.overlay.insert(user_key(key), Some(encode(&record)?));
@@ -591,6 +661,39 @@ impl StateBatch<'_> {
             self.overlay.insert(encoded, None);
         }
         Ok(())
+    }
+
+    /// A lease as this batch would leave it.
+    pub fn lease_get(&self, id: u64) -> Result<Option<LeaseRecord>, StoreError> {
+        self.raw_get(&lease_key(id))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn lease_put(&mut self, id: u64, record: &LeaseRecord) -> Result<(), StoreError> {
+        self.overlay
+            .insert(lease_key(id).to_vec(), Some(encode(record)?));
+        Ok(())
+    }
+
+    pub fn lease_delete(&mut self, id: u64) {
+        self.overlay.insert(lease_key(id).to_vec(), None);
+    }
+
+    /// A lock as this batch would leave it.
+    pub fn lock_get(&self, name: &[u8]) -> Result<Option<LockRecord>, StoreError> {
+        self.raw_get(&lock_key(name))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    pub fn lock_put(&mut self, name: &[u8], record: &LockRecord) -> Result<(), StoreError> {
+        self.overlay.insert(lock_key(name), Some(encode(record)?));
+        Ok(())
+    }
+
+    pub fn lock_delete(&mut self, name: &[u8]) {
+        self.overlay.insert(lock_key(name), None);
     }
 
     /// The stored result of write `(client_id, seq)`, if still retained.

@@ -98,6 +98,13 @@ pub struct PutArgs {
     /// When the write is acknowledged.
     #[arg(long, value_enum, default_value = "majority")]
     pub ack: Ack,
+    /// Write only while NAME:TOKEN is the lock's current fencing token (as
+    /// printed by `palisade lock`, or $PALISADE_FENCE inside it).
+    #[arg(long, value_parser = palisade_client::FencingToken::parse)]
+    pub fence: Option<palisade_client::FencingToken>,
+    /// Attach the key to this lease: it is deleted when the lease ends.
+    #[arg(long, default_value_t = 0)]
+    pub lease: u64,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -107,6 +114,8 @@ pub struct DelArgs {
     pub key: String,
     #[arg(long, value_enum, default_value = "majority")]
     pub ack: Ack,
+    #[arg(long, value_parser = palisade_client::FencingToken::parse)]
+    pub fence: Option<palisade_client::FencingToken>,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -315,6 +324,11 @@ pub async fn put(args: PutArgs) -> anyhow::Result<ExitCode> {
             key: args.key.into_bytes(),
             value: args.value.into_bytes(),
             ack: args.ack.proto(),
+            fence: args
+                .fence
+                .as_ref()
+                .map(palisade_client::FencingToken::fence),
+            lease: args.lease,
             ..Default::default()
         })
         .await?;
@@ -332,6 +346,10 @@ pub async fn del(args: DelArgs) -> anyhow::Result<ExitCode> {
         .delete_request(pb::DeleteRequest {
             key: args.key.into_bytes(),
             ack: args.ack.proto(),
+            fence: args
+                .fence
+                .as_ref()
+                .map(palisade_client::FencingToken::fence),
             ..Default::default()
         })
         .await?;
@@ -541,4 +559,143 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
         }
     }
     out
+}
+
+#[derive(Args)]
+pub struct LeaseArgs {
+    #[command(subcommand)]
+    pub op: LeaseOp,
+}
+
+#[derive(Subcommand)]
+pub enum LeaseOp {
+    /// Create a lease; prints its id.
+    Grant {
+        /// Time to live in milliseconds (at least 1000).
+        ttl_ms: u64,
+        /// The lease lives in this key's group (use the lock name or a key
+        /// with the same hash tag as the keys you will attach).
+        #[arg(long, default_value = "")]
+        key: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Keep a lease alive: every TTL/3 until Ctrl-C (or once, with --once).
+    Keepalive {
+        id: u64,
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// End a lease now (its keys are deleted, its locks released).
+    Revoke {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a lease's TTL, time left, keys and locks.
+    Ttl {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub async fn lease(args: LeaseArgs) -> anyhow::Result<ExitCode> {
+    match args.op {
+        LeaseOp::Grant { ttl_ms, key, conn } => {
+            let client = conn.client().await?;
+            let id = client
+                .lease_grant(std::time::Duration::from_millis(ttl_ms), key.as_bytes())
+                .await?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        LeaseOp::Keepalive { id, once, conn } => {
+            let client = conn.client().await?;
+            loop {
+                let ttl = client.lease_keep_alive(id).await?;
+                println!("lease {id} kept alive for {} ms", ttl.as_millis());
+                if once {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::time::sleep(ttl / 3).await;
+            }
+        }
+        LeaseOp::Revoke { id, conn } => {
+            let client = conn.client().await?;
+            client.lease_revoke(id).await?;
+            println!("lease {id} revoked");
+            Ok(ExitCode::SUCCESS)
+        }
+        LeaseOp::Ttl { id, conn } => {
+            let client = conn.client().await?;
+            let r = client.lease_time_to_live(id).await?;
+            println!(
+                "lease {id}: ttl {} ms, {} ms left, keys {:?}, locks {:?}",
+                r.granted_ttl_ms,
+                r.remaining_ms,
+                r.keys.iter().map(|k| text(k)).collect::<Vec<_>>(),
+                r.locks.iter().map(|k| text(k)).collect::<Vec<_>>()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct LockArgs {
+    /// The lock's name (hashes to a group like a key; use a hash tag such as
+    /// `{job7}lock` to co-locate it with the keys it guards).
+    pub name: String,
+    /// TTL of the lock's lease, kept alive while this command runs.
+    #[arg(long, default_value_t = 10_000)]
+    pub ttl_ms: u64,
+    /// How long to wait for the lock.
+    #[arg(long, default_value_t = 10_000)]
+    pub wait_ms: u64,
+    /// Command to run while holding the lock; it gets PALISADE_FENCE
+    /// (NAME:TOKEN), PALISADE_LOCK_TOKEN and PALISADE_LEASE. Without one,
+    /// the lock is held until Ctrl-C.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+pub async fn lock(args: LockArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client().await?;
+    let guard = client
+        .lock_with_lease(
+            args.name.clone().into_bytes(),
+            std::time::Duration::from_millis(args.ttl_ms),
+            std::time::Duration::from_millis(args.wait_ms),
+        )
+        .await
+        .with_context(|| format!("cannot take lock {:?}", args.name))?;
+    let fence = guard.token().to_text();
+    println!("{fence}");
+    let code = match args.command.split_first() {
+        Some((program, rest)) => {
+            let status = tokio::process::Command::new(program)
+                .args(rest)
+                .env("PALISADE_FENCE", &fence)
+                .env("PALISADE_LOCK_TOKEN", guard.token().token.to_string())
+                .env("PALISADE_LEASE", guard.lease().to_string())
+                .status()
+                .await
+                .with_context(|| format!("cannot run {program:?}"))?;
+            ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8)
+        }
+        None => {
+            eprintln!("holding {fence}; Ctrl-C releases it");
+            let _ = tokio::signal::ctrl_c().await;
+            ExitCode::SUCCESS
+        }
+    };
+    if let Err(e) = guard.release().await {
+        eprintln!("releasing the lock: {e}");
+    }
+    Ok(code)
 }

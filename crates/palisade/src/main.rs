@@ -39,6 +39,11 @@ enum Command {
     Txn(client_cmd::TxnArgs),
     /// Cluster-wide commands.
     Cluster(client_cmd::ClusterArgs),
+    /// Leases: grant, keepalive, revoke, ttl.
+    Lease(client_cmd::LeaseArgs),
+    /// Hold a lock (with a kept-alive lease) while running a command; the
+    /// command gets the fencing token in $PALISADE_FENCE.
+    Lock(client_cmd::LockArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +66,8 @@ fn main() -> ExitCode {
             Command::Scan(args) => client_cmd::scan(args).await,
             Command::Txn(args) => client_cmd::txn(args).await,
             Command::Cluster(args) => client_cmd::cluster(args).await,
+            Command::Lease(args) => client_cmd::lease(args).await,
+            Command::Lock(args) => client_cmd::lock(args).await,
         }
     });
     match result {
