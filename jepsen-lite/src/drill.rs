@@ -80,7 +80,9 @@ pub struct DrillArgs {
     /// Faults to inject, comma-separated: kill, pause, partition (or none).
     #[arg(long, default_value = "kill,partition,pause", value_delimiter = ',')]
     pub nemesis: Vec<String>,
-    /// The workload (only `register` exists).
+    /// The workload: `register` (reads, writes, cas; checked for
+    /// linearizability or session guarantees) or `lock` (fenced
+    /// read-modify-write of a counter under one lock; see `lockwork`).
     #[arg(long, default_value = "register")]
     pub workload: String,
     /// Concurrent client processes.
@@ -99,7 +101,8 @@ pub struct DrillArgs {
     #[arg(long, default_value_t = 1000)]
     pub op_timeout_ms: u64,
     /// Positive control: run the nodes with --unsafe-local-reads (reads skip
-    /// ReadIndex). The checker must then report a violation; the drill exits 1.
+    /// ReadIndex); with `--workload lock`, write the counter without the
+    /// fence. The checker must then report a violation; the drill exits 1.
     #[arg(long)]
     pub positive_control: bool,
     /// Consistency of the workload's reads.
@@ -789,11 +792,8 @@ async fn final_reads(drill: &Drill, keys: &[String]) -> bool {
 }
 
 async fn run(args: DrillArgs) -> anyhow::Result<u8> {
-    if args.workload != "register" {
-        bail!(
-            "unknown workload {:?}; only \"register\" exists",
-            args.workload
-        );
+    if !["register", "lock"].contains(&args.workload.as_str()) {
+        bail!("unknown workload {:?}: use register or lock", args.workload);
     }
     if ![3, 5].contains(&args.nodes) {
         bail!("--nodes must be 3 or 5");
@@ -833,7 +833,8 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
     let mut opts = ClusterOptions::new(args.nodes);
     opts.groups = args.groups;
     opts.learners = args.learners;
-    if args.positive_control {
+    // The lock workload's positive control drops the fence instead.
+    if args.positive_control && args.workload != "lock" {
         opts.extra_args.push("--unsafe-local-reads".into());
     }
     let cluster = TestCluster::start(opts).await;
@@ -856,13 +857,24 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
     });
 
     let values = Arc::new(AtomicU64::new(1));
+    let lock_stats = Arc::new(Mutex::new(crate::lockwork::LockStats::default()));
     let workers: Vec<_> = (0..args.concurrency)
         .map(|w| {
-            tokio::spawn(
-                drill
-                    .clone()
-                    .worker(seed.wrapping_add(w as u64 * 7919), values.clone()),
-            )
+            if args.workload == "lock" {
+                let drill = drill.clone();
+                let stats = lock_stats.clone();
+                let unfenced = drill.args.positive_control;
+                tokio::spawn(async move {
+                    crate::lockwork::worker(drill.endpoints.clone(), &drill.stop, &stats, unfenced)
+                        .await
+                })
+            } else {
+                tokio::spawn(
+                    drill
+                        .clone()
+                        .worker(seed.wrapping_add(w as u64 * 7919), values.clone()),
+                )
+            }
         })
         .collect();
     let nemesis = tokio::spawn(drill.clone().nemesis(seed, firewall.clone()));
@@ -892,6 +904,58 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
             }
         }
     };
+    if args.workload == "lock" {
+        let stats = std::mem::take(&mut *lock_stats.lock().unwrap_or_else(|p| p.into_inner()));
+        let verdict = if recovered {
+            crate::lockwork::check(&drill.endpoints, &stats).await
+        } else {
+            crate::lockwork::LockVerdict {
+                ok: false,
+                problems: vec!["the cluster did not recover".into()],
+                summary: json!({}),
+            }
+        };
+        let results = json!({
+            "workload": "lock",
+            "verdict": if verdict.ok { "fenced" } else { "violation" },
+            "problems": verdict.problems,
+            "lock": verdict.summary,
+            "recovered": recovered,
+            "seed": seed,
+            "nodes": args.nodes,
+            "duration_s": args.time.as_secs_f64(),
+            "nemesis": args.nemesis,
+            "concurrency": args.concurrency,
+            "faults": faults.iter().map(|f| json!({
+                "kind": f.kind, "description": f.description,
+                "start_s": f.start_ns as f64 / 1e9, "end_s": f.end_ns as f64 / 1e9,
+            })).collect::<Vec<_>>(),
+            "replay": format!(
+                "jepsen-lite run --workload lock --nodes {} --time {}s --nemesis {} --concurrency {} --seed {seed}",
+                args.nodes, args.time.as_secs_f64(), args.nemesis.join(","), args.concurrency
+            ),
+        });
+        std::fs::write(
+            args.out.join("results.json"),
+            serde_json::to_string_pretty(&results)?,
+        )?;
+        println!(
+            "{}: {} faults, recovered: {recovered}; {}; results in {}",
+            if verdict.ok { "fenced" } else { "VIOLATION" },
+            faults.len(),
+            verdict.summary,
+            args.out.display()
+        );
+        for p in &verdict.problems {
+            println!("  {p}");
+        }
+        return Ok(if verdict.ok {
+            crate::EXIT_OK
+        } else {
+            crate::EXIT_VIOLATION
+        });
+    }
+
     let keys: Vec<String> = {
         let events = drill
             .recorder

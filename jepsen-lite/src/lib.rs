@@ -9,12 +9,15 @@
 //!   for drills that read at `SESSION` consistency.
 //! - [`report`]: a self-contained HTML timeline report.
 //! - [`synth`]: synthetic linearizable histories (benchmarks, tests).
+//! - [`lockwork`]: the lock workload (fenced counter increments) and its
+//!   end-state checks.
 //! - [`drill`]: the drill runner — a real cluster of processes, concurrent
 //!   clients, faults from a seeded schedule, recorded history, verdict.
 
 pub mod checker;
 pub mod drill;
 pub mod history;
+pub mod lockwork;
 pub mod report;
 pub mod session;
 pub mod synth;

@@ -1,13 +1,15 @@
 //! Quick latency loop (the real benchmark is `palisade bench`, to come):
 //!
 //! ```sh
-//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get|get-lease|get-session|get-bounded|get-stale|get-at] [CLIENTS]
+//! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get|get-lease|get-session|get-bounded|get-stale|get-at|lock] [CLIENTS]
 //! cargo run --release -p palisade-client --example put_loop -- 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 5000 put 1
 //! ```
 //!
 //! Closed loop: CLIENTS tasks sharing one client issue OPS operations in
 //! total: puts of 256-byte values to 8-byte keys, or gets at a read level
-//! (`get-at`: each key at the revision of its warm-up write).
+//! (`get-at`: each key at the revision of its warm-up write), or `lock`:
+//! each client takes and releases its own lock with a lease granted up
+//! front, and the time to acquire is measured.
 //! Prints throughput and latency percentiles.
 
 use std::time::{Duration, Instant};
@@ -63,6 +65,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 } else {
                     opts
                 };
+                if mode == "lock" {
+                    let name = format!("{{l{c}}}lock");
+                    let lease = client
+                        .lease_grant(Duration::from_secs(30), name.as_bytes())
+                        .await
+                        .expect("lease");
+                    let t = Instant::now();
+                    let token = client
+                        .lock(name.clone(), lease, Duration::from_secs(5))
+                        .await
+                        .expect("lock");
+                    lat.push(t.elapsed());
+                    client.unlock(&token).await.expect("unlock");
+                    client.lease_revoke(lease).await.expect("revoke");
+                    continue;
+                }
                 let t = Instant::now();
                 let res = if reads {
                     client.get_with(key, opts).await.map(|_| ())
@@ -85,7 +103,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{} {}, {clients} clients, 256 B values: {:.0} ops/s  p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
         lat.len(),
-        if reads { mode.as_str() } else { "puts" },
+        if reads || mode == "lock" {
+            mode.as_str()
+        } else {
+            "puts"
+        },
         lat.len() as f64 / total.as_secs_f64(),
         pct(0.50),
         pct(0.90),

@@ -60,7 +60,7 @@ pub enum Error {
     NotEverywhere { revision: u64, lagging: Vec<u64> },
     /// Any other status from the server (e.g. `OUT_OF_RANGE` for a read at a
     /// compacted revision; see [`compacted_detail`]).
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Status(Status),
     #[error("bad endpoint {0}")]
     Endpoint(String),

@@ -46,7 +46,7 @@ pub enum GroupError {
 fn describe(r: &Rejection) -> String {
     match r {
         Rejection::StaleFence { lock, current: 0 } => format!(
-            "fenced write refused: lock {:?} is not held (its holder's lease ended)",
+            "fenced write refused: lock {:?} is not held (released, or its holder's lease ended)",
             String::from_utf8_lossy(lock)
         ),
         Rejection::StaleFence { lock, current } => format!(

@@ -308,10 +308,13 @@ pub async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
             _ => println!("{:<9} {:<8} (deleted)", v.revision, "-"),
         }
     }
+    let compacted = match resp.compact_revision {
+        0 => "nothing compacted yet".to_string(),
+        r => format!("history compacted below revision {r}"),
+    };
     eprintln!(
-        "({} versions retained; history compacted below revision {}; {})",
+        "({} versions retained; {compacted}; {})",
         resp.versions.len(),
-        resp.compact_revision,
         receipt(resp.header.as_ref())
     );
     Ok(ExitCode::SUCCESS)
