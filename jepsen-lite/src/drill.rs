@@ -824,10 +824,10 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         args.time,
         args.nemesis,
         args.concurrency,
-        if args.positive_control {
-            " (POSITIVE CONTROL: unsafe local reads)"
-        } else {
-            ""
+        match (args.positive_control, args.workload.as_str()) {
+            (false, _) => "",
+            (true, "lock") => " (POSITIVE CONTROL: unfenced writes)",
+            (true, _) => " (POSITIVE CONTROL: unsafe local reads)",
         }
     );
     let mut opts = ClusterOptions::new(args.nodes);

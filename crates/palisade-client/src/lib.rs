@@ -35,9 +35,10 @@ use prost::Message;
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 pub use palisade_proto::v1 as proto;
+pub use tonic::Code;
 
 /// Client errors, shaped by what the caller can do about them.
 #[derive(Debug, thiserror::Error)]

@@ -282,10 +282,15 @@ impl Admin for AdminService {
         let mut node_infos = Vec::new();
         let mut groups: BTreeMap<u64, pb::GroupStatus> = BTreeMap::new();
         for ((id, addr), probe) in nodes.iter().zip(probes) {
-            let mut counters = (0, 0);
+            let mut counters = (0, 0, 0, 0);
             let (reachable, error) = match probe {
                 Ok(status) => {
-                    counters = (status.flushes, status.flush_waiters);
+                    counters = (
+                        status.flushes,
+                        status.flush_waiters,
+                        status.rss_bytes,
+                        status.disk_bytes,
+                    );
                     for g in status.groups {
                         let entry = groups.entry(g.group_id).or_insert_with(|| pb::GroupStatus {
                             group_id: g.group_id,
@@ -312,6 +317,8 @@ impl Admin for AdminService {
                 error,
                 flushes: counters.0,
                 flush_waiters: counters.1,
+                rss_bytes: counters.2,
+                disk_bytes: counters.3,
             });
         }
         Ok(Response::new(pb::ClusterStatusResponse {

@@ -258,6 +258,8 @@ impl Node {
             groups,
             flushes,
             flush_waiters,
+            rss_bytes: rss_bytes().unwrap_or(0),
+            disk_bytes: self.store.size_on_disk().unwrap_or(0),
         }
     }
 
@@ -312,6 +314,14 @@ fn spawn_history_retention(node: &Arc<Node>) {
             }
         }
     });
+}
+
+/// This process's resident set size, from `/proc/self/status` (Linux).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {

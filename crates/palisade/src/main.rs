@@ -44,6 +44,9 @@ enum Command {
     /// Hold a lock (with a kept-alive lease) while running a command; the
     /// command gets the fencing token in $PALISADE_FENCE.
     Lock(client_cmd::LockArgs),
+    /// Load generator: closed or open loop, YCSB-style workloads, latency
+    /// percentiles and server counters.
+    Bench(palisade_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
             Command::Cluster(args) => client_cmd::cluster(args).await,
             Command::Lease(args) => client_cmd::lease(args).await,
             Command::Lock(args) => client_cmd::lock(args).await,
+            Command::Bench(args) => palisade_bench::run(args)
+                .await
+                .map(|_| std::process::ExitCode::SUCCESS),
         }
     });
     match result {
