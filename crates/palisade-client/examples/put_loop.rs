@@ -1,4 +1,4 @@
-//! Quick latency loop (the real benchmark is `palisade bench`, to come):
+//! Quick latency loop (the full load generator is `palisade bench`):
 //!
 //! ```sh
 //! cargo run --release -p palisade-client --example put_loop -- ENDPOINTS OPS [put|get|get-lease|get-session|get-bounded|get-stale|get-at|lock] [CLIENTS]
