@@ -10,9 +10,9 @@
 //!
 //! Lock, Unlock and fenced writes are Raft writes checked by the state
 //! machine (see `palisade-group`); the fencing token is the log index of the
-//! entry that took the lock. Lease and lock calls run on the group leader;
-//! other nodes answer `UNAVAILABLE` with a leader hint (the client library
-//! follows it).
+//! entry that took the lock. Lease and lock calls run on the group leader:
+//! any other node forwards them there one hop (like Kv requests), or answers
+//! `UNAVAILABLE` with a leader hint when it knows no leader.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,12 +20,16 @@ use std::time::Duration;
 
 use palisade_group::{Command, CommandOp, GroupError, OpResult, RaftGroup, Rejection, lease_group};
 use palisade_proto::v1 as pb;
+use palisade_proto::v1::lease_client::LeaseClient;
 use palisade_proto::v1::lease_server::Lease;
+use palisade_proto::v1::lock_client::LockClient;
 use palisade_proto::v1::lock_server::Lock;
 use tokio::time::Instant;
-use tonic::{Request, Response, Status};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
 
-use crate::error::ServerError;
+use crate::error::{ServerError, error_detail, not_leader_status, unknown_outcome_status};
+use crate::kv::FORWARDED;
 use crate::node::Node;
 use crate::validate;
 
@@ -184,6 +188,75 @@ fn header(node: &Node, group: &RaftGroup, revision: u64) -> Option<pb::ResponseH
     })
 }
 
+fn is_forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED)
+}
+
+/// Sends `req` one hop to `group`'s leader when this node does not lead it
+/// and knows who does; `None`: handle it here (a forwarded call always is).
+/// A failure in transit leaves a write's outcome unknown.
+async fn relay<Req, Resp, F, Fut>(
+    node: &Node,
+    group: &RaftGroup,
+    forwarded: bool,
+    write: bool,
+    req: &Req,
+    timeout: Duration,
+    call: F,
+) -> Option<Result<Response<Resp>, Status>>
+where
+    Req: Clone,
+    F: FnOnce(Channel, Request<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+{
+    if forwarded || group.is_leader() {
+        return None;
+    }
+    let (id, Some(addr)) = group.leader()? else {
+        return None;
+    };
+    if id == node.id() {
+        return None;
+    }
+    let channel = node.channels.get(id, &addr).ok()?;
+    let mut request = Request::new(req.clone());
+    request
+        .metadata_mut()
+        .insert(FORWARDED, "1".parse().expect("static header"));
+    request.set_timeout(timeout);
+    Some(
+        match tokio::time::timeout(timeout, call(channel, request)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            // The leader's own answers (including its errors) go back as they are.
+            Ok(Err(status))
+                if error_detail(&status).is_some()
+                    || !matches!(
+                        status.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) =>
+            {
+                Err(status)
+            }
+            failed => {
+                node.channels.drop_channel(id);
+                let why = match failed {
+                    Ok(Err(status)) => status.message().to_string(),
+                    _ => "no reply in time".into(),
+                };
+                let msg = format!(
+                    "forwarding to leader {id} of group {} failed: {why}",
+                    group.id()
+                );
+                Err(if write {
+                    unknown_outcome_status(group.id(), msg)
+                } else {
+                    not_leader_status(group.id(), Some((id, Some(addr))), msg)
+                })
+            }
+        },
+    )
+}
+
 /// The leader check every lease and lock call starts with.
 fn must_lead(group: &RaftGroup) -> Result<(), ServerError> {
     if group.is_leader() {
@@ -234,6 +307,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         let ttl = Duration::from_millis(req.ttl_ms);
         if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&ttl) {
@@ -251,6 +325,20 @@ impl Lease for LeaseService {
             validate::check_key(&self.node.config.limits, &req.key)?;
             self.node.group_for_key(&req.key)?
         };
+        let timeout = self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            true,
+            &req,
+            timeout,
+            |c, r| async move { LeaseClient::new(c).lease_grant(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         must_lead(group)?;
         let term = term_of(group);
         let res = propose(
@@ -274,8 +362,24 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseKeepAliveRequest>,
     ) -> Result<Response<pb::LeaseKeepAliveResponse>, Status> {
-        let id = request.into_inner().lease_id;
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let id = req.lease_id;
         let group = lease_home(&self.node, id)?;
+        let timeout = self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            false,
+            &req,
+            timeout,
+            |c, r| async move { LeaseClient::new(c).lease_keep_alive(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         must_lead(group)?;
         let term = term_of(group);
         // Only a confirmed leader's clock counts: a deposed leader must not
@@ -304,8 +408,24 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let id = request.into_inner().lease_id;
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let id = req.lease_id;
         let group = lease_home(&self.node, id)?;
+        let timeout = self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            true,
+            &req,
+            timeout,
+            |c, r| async move { LeaseClient::new(c).lease_revoke(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         must_lead(group)?;
         let res = propose(&self.node, group, CommandOp::LeaseRevoke { id }).await?;
         Ok(Response::new(pb::LeaseRevokeResponse {
@@ -317,8 +437,24 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        let id = request.into_inner().lease_id;
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let id = req.lease_id;
         let group = lease_home(&self.node, id)?;
+        let timeout = self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            false,
+            &req,
+            timeout,
+            |c, r| async move { LeaseClient::new(c).lease_time_to_live(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         must_lead(group)?;
         let term = term_of(group);
         group
@@ -354,6 +490,7 @@ impl Lock for LockService {
         &self,
         request: Request<pb::LockRequest>,
     ) -> Result<Response<pb::LockResponse>, Status> {
+        let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         validate::check_key(&self.node.config.limits, &req.name)?;
         let group = self.node.group_for_key(&req.name)?;
@@ -372,6 +509,20 @@ impl Lock for LockService {
             0 => DEFAULT_LOCK_WAIT,
             ms => Duration::from_millis(ms).min(MAX_LOCK_WAIT),
         };
+        let timeout = wait + self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            true,
+            &req,
+            timeout,
+            |c, r| async move { LockClient::new(c).lock(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         let deadline = Instant::now() + wait;
         loop {
             must_lead(group)?;
@@ -420,9 +571,24 @@ impl Lock for LockService {
         &self,
         request: Request<pb::UnlockRequest>,
     ) -> Result<Response<pb::UnlockResponse>, Status> {
+        let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         validate::check_key(&self.node.config.limits, &req.name)?;
         let group = self.node.group_for_key(&req.name)?;
+        let timeout = self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            true,
+            &req,
+            timeout,
+            |c, r| async move { LockClient::new(c).unlock(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         must_lead(group)?;
         let op = CommandOp::Unlock {
             name: req.name,
@@ -438,9 +604,24 @@ impl Lock for LockService {
         &self,
         request: Request<pb::CheckFenceRequest>,
     ) -> Result<Response<pb::CheckFenceResponse>, Status> {
+        let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         validate::check_key(&self.node.config.limits, &req.name)?;
         let group = self.node.group_for_key(&req.name)?;
+        let timeout = self.node.peer_timeout();
+        if let Some(r) = relay(
+            &self.node,
+            group,
+            forwarded,
+            false,
+            &req,
+            timeout,
+            |c, r| async move { LockClient::new(c).check_fence(r).await },
+        )
+        .await
+        {
+            return r;
+        }
         must_lead(group)?;
         group
             .read_index(self.node.config.read_timeout)
