@@ -47,6 +47,9 @@ pub struct Node {
     pub(crate) channels: PeerChannels,
     /// Lease deadlines of the groups this node leads.
     pub(crate) lease_clock: crate::lock::LeaseClock,
+    /// Per group: the newest leader read index this node fetched, with the
+    /// instant the fetch began (shared by BOUNDED_STALENESS reads).
+    read_indexes: std::sync::Mutex<BTreeMap<GroupId, (std::time::Instant, u64)>>,
 }
 
 impl Node {
@@ -129,6 +132,7 @@ impl Node {
             shard,
             channels,
             lease_clock: crate::lock::LeaseClock::default(),
+            read_indexes: std::sync::Mutex::new(BTreeMap::new()),
         });
         spawn_history_retention(&node);
         crate::lock::spawn_lease_expiry(&node);
@@ -260,6 +264,26 @@ impl Node {
             flush_waiters,
             rss_bytes: rss_bytes().unwrap_or(0),
             disk_bytes: self.store.size_on_disk().unwrap_or(0),
+        }
+    }
+
+    /// The newest leader read index fetched for `group`, with when the
+    /// fetch began.
+    pub(crate) fn cached_read_index(&self, group: GroupId) -> Option<(std::time::Instant, u64)> {
+        self.read_indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
+    }
+
+    /// Remembers a read index fetched from `t0` on, unless a newer fetch
+    /// already did.
+    pub(crate) fn cache_read_index(&self, group: GroupId, t0: std::time::Instant, index: u64) {
+        let mut cache = self.read_indexes.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = cache.get(&group).is_none_or(|(t, _)| *t < t0);
+        if newer {
+            cache.insert(group, (t0, index));
         }
     }
 

@@ -8,7 +8,8 @@
 //! |                     | else ReadIndex as above, which renews the lease               |                          |
 //! | `SESSION`           | it has applied the session's revision (waits, then forwards)  | unbounded, ≥ the session |
 //! | `BOUNDED_STALENESS` | it fetched the leader's read index at t0, applied it, and     | now − t0                 |
-//! |                     | now − t0 ≤ d (else forwards)                                  |                          |
+//! |                     | now − t0 ≤ d (else forwards); read indexes younger than d/2   |                          |
+//! |                     | are shared between reads of a group                           |                          |
 //! | `STALE`             | always                                                        | unbounded                |
 //!
 //! On top of every level, `min_revision` (and a session's revision) makes
@@ -173,8 +174,23 @@ pub async fn prepare(
 /// everything committed before t0 is then visible, so the answer is at most
 /// now − t0 old, measured on this node's monotonic clock alone.
 async fn bounded(node: &Node, group: &RaftGroup, max: Duration) -> Result<Receipt, GroupError> {
+    // A read index fetched at t0 vouches for every read until now − t0
+    // exceeds the bound, so recent ones are shared: while the cached one is
+    // younger than half the bound (half left for the next fetch and apply)
+    // and applied here, no round trip is needed.
+    if let Some((t0, index)) = node.cached_read_index(group.id())
+        && t0.elapsed() < max / 2
+        && group.state().revision() >= index
+    {
+        return Ok(Receipt {
+            level: ReadConsistency::BoundedStaleness,
+            staleness_bound_ms: t0.elapsed().as_millis().max(1) as u64,
+            unbounded: false,
+        });
+    }
     let t0 = Instant::now();
     let index = leader_read_index(node, group, max).await?;
+    node.cache_read_index(group.id(), t0, index);
     let left = max.saturating_sub(t0.elapsed());
     if !group.wait_applied(index, left).await {
         return Err(go_to_leader(group));
