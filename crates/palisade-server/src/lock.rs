@@ -280,6 +280,23 @@ fn lease_home(node: &Node, id: u64) -> Result<&Arc<RaftGroup>, ServerError> {
     node.group(g)
 }
 
+/// Lease `id`'s record, read after a ReadIndex round: only a confirmed
+/// leader's view (and clock) counts — a deposed leader must not tell a
+/// holder its lease was renewed, or how long it has left.
+async fn confirmed_lease(
+    node: &Node,
+    group: &RaftGroup,
+    id: u64,
+) -> Result<palisade_storage::LeaseRecord, ServerError> {
+    group.read_index(node.config.read_timeout).await?;
+    group
+        .state()
+        .lease(id)?
+        .ok_or(ServerError::Group(GroupError::Rejected(
+            Rejection::LeaseNotFound { id },
+        )))
+}
+
 /// Proposes `op` on `group` and returns its result, refusals as errors.
 async fn propose(
     node: &Node,
@@ -382,20 +399,7 @@ impl Lease for LeaseService {
         }
         must_lead(group)?;
         let term = term_of(group);
-        // Only a confirmed leader's clock counts: a deposed leader must not
-        // tell a holder its lease was renewed.
-        group
-            .read_index(self.node.config.read_timeout)
-            .await
-            .map_err(ServerError::from)?;
-        let record =
-            group
-                .state()
-                .lease(id)
-                .map_err(ServerError::from)?
-                .ok_or(ServerError::Group(GroupError::Rejected(
-                    Rejection::LeaseNotFound { id },
-                )))?;
+        let record = confirmed_lease(&self.node, group, id).await?;
         let ttl = Duration::from_millis(record.ttl_ms);
         self.node.lease_clock.renew(group.id(), term, id, ttl);
         Ok(Response::new(pb::LeaseKeepAliveResponse {
@@ -457,18 +461,7 @@ impl Lease for LeaseService {
         }
         must_lead(group)?;
         let term = term_of(group);
-        group
-            .read_index(self.node.config.read_timeout)
-            .await
-            .map_err(ServerError::from)?;
-        let record =
-            group
-                .state()
-                .lease(id)
-                .map_err(ServerError::from)?
-                .ok_or(ServerError::Group(GroupError::Rejected(
-                    Rejection::LeaseNotFound { id },
-                )))?;
+        let record = confirmed_lease(&self.node, group, id).await?;
         let remaining = self
             .node
             .lease_clock
