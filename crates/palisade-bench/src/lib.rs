@@ -13,8 +13,15 @@
 //! p99.9/max, throughput, a per-second throughput series, error and timeout
 //! counts, and the server-side counters that explain the numbers: fsyncs per
 //! write (from each node's group-commit flusher), RSS and bytes on disk per
-//! node. Workloads and key distributions: see [`workload`].
+//! node. Workloads and key distributions: see [`workload`]. The same
+//! workloads run against etcd with `--backend etcd` (cargo feature `etcd`),
+//! see [`backend`].
 
+pub mod backend;
+pub mod chart;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod prom;
 pub mod workload;
 
 use std::sync::Arc;
@@ -24,12 +31,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
-use palisade_client::{Client, ClientConfig, ReadOptions, proto as pb};
+use palisade_client::ReadOptions;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+pub use backend::{Backend, BackendKind, Failure, NodeCounters, ReadLevel};
 pub use workload::{KeyChooser, KeyDist, Op, Workload};
 
 /// Read levels on the command line.
@@ -44,7 +52,10 @@ pub enum Level {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Comma-separated HOST:PORT of some nodes.
+    /// The system to drive.
+    #[arg(long, value_enum, default_value = "palisade")]
+    pub backend: BackendKind,
+    /// Comma-separated HOST:PORT of some nodes (etcd: client URLs).
     #[arg(
         long,
         env = "PALISADE_ENDPOINTS",
@@ -92,7 +103,8 @@ pub struct BenchArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses `10s`, `500ms`, `1m` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)
@@ -113,13 +125,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
-fn read_options(level: Level) -> ReadOptions {
-    match level {
+fn read_level(level: Level) -> ReadLevel {
+    let palisade = match level {
         Level::Linearizable => ReadOptions::linearizable(),
         Level::Lease => ReadOptions::lease(),
         Level::Session => ReadOptions::session(),
         Level::Bounded => ReadOptions::bounded(Duration::from_millis(500)),
         Level::Stale => ReadOptions::stale(),
+    };
+    ReadLevel {
+        palisade,
+        etcd_serializable: !matches!(level, Level::Linearizable | Level::Lease),
     }
 }
 
@@ -138,10 +154,10 @@ struct Counters {
 
 struct Shared {
     args: BenchArgs,
-    clients: Vec<Client>,
+    backend: Backend,
     keys: KeyChooser,
     value: Vec<u8>,
-    opts: ReadOptions,
+    level: ReadLevel,
     counters: Counters,
     /// Set once the warm-up is over: from then on operations are measured.
     measuring: AtomicBool,
@@ -150,13 +166,13 @@ struct Shared {
 
 impl Shared {
     /// Runs one operation; returns whether it succeeded.
-    async fn run_op(&self, client: &Client, op: Op, key: Vec<u8>) -> bool {
+    async fn run_op(&self, conn: usize, op: Op, key: Vec<u8>) -> bool {
+        let b = &self.backend;
         let result = match op {
-            Op::Get => client.get_with(key, self.opts).await.map(|_| true),
-            Op::Put => client.put(key, self.value.clone()).await.map(|_| true),
-            Op::ReadModifyWrite => match client.get_with(key.clone(), self.opts).await {
-                Ok(r) => {
-                    let old = r.kv.map(|kv| kv.value);
+            Op::Get => b.get(conn, key, self.level).await.map(|_| true),
+            Op::Put => b.put(conn, key, self.value.clone()).await.map(|_| true),
+            Op::ReadModifyWrite => match b.get(conn, key.clone(), self.level).await {
+                Ok(old) => {
                     let mut new = self.value.clone();
                     if let Some(first) = new.first_mut() {
                         *first = old
@@ -164,10 +180,7 @@ impl Shared {
                             .and_then(|v| v.first())
                             .map_or(0, |b| b.wrapping_add(1));
                     }
-                    client
-                        .compare_and_swap(key, old, new)
-                        .await
-                        .map(|(swapped, _)| swapped)
+                    b.compare_and_swap(conn, key, old, new).await
                 }
                 Err(e) => Err(e),
             },
@@ -183,12 +196,11 @@ impl Shared {
                 }
                 true
             }
-            Err(e) => {
+            Err(failure) => {
                 if measuring {
-                    let c = if e.code() == tonic_code_deadline() {
-                        &self.counters.timeouts
-                    } else {
-                        &self.counters.errors
+                    let c = match failure {
+                        Failure::Timeout => &self.counters.timeouts,
+                        Failure::Error => &self.counters.errors,
                     };
                     c.fetch_add(1, Ordering::Relaxed);
                 }
@@ -196,10 +208,6 @@ impl Shared {
             }
         }
     }
-}
-
-fn tonic_code_deadline() -> palisade_client::Code {
-    palisade_client::Code::DeadlineExceeded
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -210,12 +218,12 @@ fn new_histogram() -> Histogram<u64> {
 async fn closed_worker(shared: Arc<Shared>, index: usize) -> Histogram<u64> {
     let mut hist = new_histogram();
     let mut rng = StdRng::seed_from_u64(shared.args.seed.wrapping_add(index as u64 * 7919));
-    let client = shared.clients[index % shared.clients.len()].clone();
+    let conn = shared.backend.connection_for(index);
     while !shared.stop.load(Ordering::Relaxed) {
         let op = shared.args.workload.next_op(&mut rng);
         let key = workload::key(shared.keys.next(&mut rng));
         let started = Instant::now();
-        let ok = shared.run_op(&client, op, key).await;
+        let ok = shared.run_op(conn, op, key).await;
         shared.counters.done.fetch_add(1, Ordering::Relaxed);
         if ok && shared.measuring.load(Ordering::Relaxed) {
             let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
@@ -243,11 +251,11 @@ async fn open_loop(shared: Arc<Shared>, rate: u64) -> Histogram<u64> {
         };
         let op = shared.args.workload.next_op(&mut rng);
         let key = workload::key(shared.keys.next(&mut rng));
-        let client = shared.clients[(i as usize) % shared.clients.len()].clone();
+        let conn = shared.backend.connection_for(i as usize);
         let shared2 = shared.clone();
         let hist = hist.clone();
         tasks.spawn(async move {
-            let ok = shared2.run_op(&client, op, key).await;
+            let ok = shared2.run_op(conn, op, key).await;
             shared2.counters.done.fetch_add(1, Ordering::Relaxed);
             if ok && shared2.measuring.load(Ordering::Relaxed) {
                 let us = intended.elapsed().as_micros().max(1) as u64;
@@ -263,15 +271,6 @@ async fn open_loop(shared: Arc<Shared>, rate: u64) -> Histogram<u64> {
     merged.clone()
 }
 
-/// Per-node server counters from ClusterStatus.
-async fn server_counters(client: &Client) -> Vec<pb::NodeInfo> {
-    client
-        .cluster_status()
-        .await
-        .map(|s| s.nodes)
-        .unwrap_or_default()
-}
-
 /// Writes every key once, with 64 concurrent writers.
 async fn preload(shared: &Arc<Shared>) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -281,16 +280,26 @@ async fn preload(shared: &Arc<Shared>) -> anyhow::Result<Duration> {
         let shared = shared.clone();
         let next = next.clone();
         tasks.spawn(async move {
-            let client = shared.clients[w % shared.clients.len()].clone();
+            let conn = shared.backend.connection_for(w);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= shared.args.keys {
                     return Ok::<(), anyhow::Error>(());
                 }
-                client
-                    .put(workload::key(i), shared.value.clone())
+                // A failed put is retried a few times (an election may be
+                // under way) before the preload gives up.
+                let mut attempt = 0;
+                while let Err(f) = shared
+                    .backend
+                    .put(conn, workload::key(i), shared.value.clone())
                     .await
-                    .with_context(|| format!("preloading key {i}"))?;
+                {
+                    attempt += 1;
+                    if attempt >= 5 {
+                        bail!("preloading key {i} failed: {f:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         });
     }
@@ -300,38 +309,73 @@ async fn preload(shared: &Arc<Shared>) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// Quantiles at which the latency CDF is recorded.
+const CDF_QUANTILES: [f64; 16] = [
+    0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0,
+];
+
 fn percentiles(h: &Histogram<u64>) -> Value {
     let us = |q: f64| h.value_at_quantile(q);
+    let cdf: Vec<Value> = CDF_QUANTILES.iter().map(|q| json!([q, us(*q)])).collect();
     json!({
         "count": h.len(),
         "p50_us": us(0.50), "p90_us": us(0.90), "p99_us": us(0.99),
         "p999_us": us(0.999), "max_us": h.max(), "mean_us": h.mean(),
+        "cdf": cdf,
     })
 }
 
-/// Runs the benchmark and returns its results (also printed).
-pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
+/// Writes every key once (`--keys`, `--value-size`) through `backend`, with
+/// 64 concurrent writers; returns how long it took.
+pub async fn preload_keys(args: &BenchArgs, backend: Backend) -> anyhow::Result<Duration> {
+    let shared = Arc::new(Shared {
+        keys: KeyChooser::new(args.keys, args.key_dist),
+        value: vec![b'v'; args.value_size],
+        level: read_level(args.consistency),
+        backend,
+        counters: Counters::default(),
+        measuring: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        args: args.clone(),
+    });
+    preload(&shared).await
+}
+
+/// Client-side timeout of every request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.connections == 0 {
         bail!("--clients and --connections must be at least 1");
     }
     if args.keys == 0 {
         bail!("--keys must be at least 1");
     }
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        let mut c = ClientConfig::new(args.endpoints.iter().cloned());
-        c.request_timeout = Duration::from_secs(10);
-        clients.push(
-            Client::with_config(c)
-                .await
-                .with_context(|| format!("cannot reach {}", args.endpoints.join(",")))?,
-        );
-    }
+    Ok(())
+}
+
+/// Runs the benchmark and returns its results (also printed).
+pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
+    check_args(&args)?;
+    let backend = Backend::connect(
+        args.backend,
+        &args.endpoints,
+        args.connections,
+        REQUEST_TIMEOUT,
+    )
+    .await?;
+    run_with(args, backend).await
+}
+
+/// Runs the benchmark against an already connected `backend` (which must
+/// have `args.connections` connections).
+pub async fn run_with(args: BenchArgs, backend: Backend) -> anyhow::Result<Value> {
+    check_args(&args)?;
     let shared = Arc::new(Shared {
         keys: KeyChooser::new(args.keys, args.key_dist),
         value: vec![b'v'; args.value_size],
-        opts: read_options(args.consistency),
-        clients,
+        level: read_level(args.consistency),
+        backend,
         counters: Counters::default(),
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -352,7 +396,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             .collect()
     };
     tokio::time::sleep(args.warmup).await;
-    let before = server_counters(&shared.clients[0]).await;
+    let before = shared.backend.counters().await;
     shared.measuring.store(true, Ordering::Relaxed);
     let measure_start = Instant::now();
     let done_at_start = shared.counters.done.load(Ordering::Relaxed);
@@ -371,7 +415,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     shared.measuring.store(false, Ordering::Relaxed);
     let elapsed = measure_start.elapsed();
     shared.stop.store(true, Ordering::Relaxed);
-    let after = server_counters(&shared.clients[0]).await;
+    let after = shared.backend.counters().await;
     let mut hist = new_histogram();
     for w in workers {
         hist.add(w.await?)?;
@@ -379,26 +423,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
 
     let ops = hist.len();
     let writes = shared.counters.writes.load(Ordering::Relaxed);
-    let flushes: u64 = after
-        .iter()
-        .map(|a| {
-            let b = before
-                .iter()
-                .find(|b| b.id == a.id)
-                .map_or(0, |b| b.flushes);
-            a.flushes.saturating_sub(b)
-        })
-        .sum();
+    let delta = |a: &NodeCounters, f: fn(&NodeCounters) -> u64| {
+        let b = before.iter().find(|b| b.id == a.id).map_or(0, f);
+        f(a).saturating_sub(b)
+    };
+    let fsyncs: u64 = after.iter().map(|a| delta(a, |n| n.fsyncs)).sum();
+    let written: u64 = after.iter().map(|a| delta(a, |n| n.write_bytes)).sum();
     let nodes: Vec<Value> = after
         .iter()
         .map(|n| {
             json!({
                 "id": n.id, "rss_bytes": n.rss_bytes, "disk_bytes": n.disk_bytes,
-                "flushes": n.flushes.saturating_sub(before.iter().find(|b| b.id == n.id).map_or(0, |b| b.flushes)),
+                "fsyncs": delta(n, |n| n.fsyncs),
+                "write_bytes": delta(n, |n| n.write_bytes),
             })
         })
         .collect();
     let results = json!({
+        "backend": shared.backend.name(),
         "workload": format!("{:?}", args.workload),
         "mode": if args.rate > 0 { format!("open loop at {} ops/s", args.rate) } else { "closed loop".into() },
         "clients": args.clients,
@@ -417,7 +459,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         "cas_conflicts": shared.counters.cas_conflicts.load(Ordering::Relaxed),
         "per_second": series,
         "writes": writes,
-        "fsyncs_per_write": if writes > 0 { Some(flushes as f64 / writes as f64) } else { None },
+        "fsyncs_per_write": if writes > 0 { Some(fsyncs as f64 / writes as f64) } else { None },
+        "bytes_written_per_write": if writes > 0 && written > 0 { Some(written as f64 / writes as f64) } else { None },
         "nodes": nodes,
     });
     print_report(&results);
@@ -432,7 +475,8 @@ fn print_report(r: &Value) {
     let l = &r["latency"];
     let ms = |v: &Value| v.as_f64().unwrap_or(0.0) / 1000.0;
     println!(
-        "{} {}, {} clients / {} connections, {} keys ({}), {} B values, reads {}",
+        "[{}] {} {}, {} clients / {} connections, {} keys ({}), {} B values, reads {}",
+        r["backend"].as_str().unwrap_or(""),
         r["workload"].as_str().unwrap_or(""),
         r["mode"].as_str().unwrap_or(""),
         r["clients"],
@@ -462,13 +506,17 @@ fn print_report(r: &Value) {
     if let Some(f) = r["fsyncs_per_write"].as_f64() {
         println!("  fsyncs per write (all nodes): {f:.2}");
     }
+    if let Some(b) = r["bytes_written_per_write"].as_f64() {
+        println!("  bytes written to storage per write (all nodes): {b:.0}");
+    }
     for n in r["nodes"].as_array().into_iter().flatten() {
         println!(
-            "  node {}: RSS {:.1} MiB, {:.1} MiB on disk, {} fsyncs",
+            "  node {}: RSS {:.1} MiB, {:.1} MiB on disk, {} fsyncs, {:.1} MiB written",
             n["id"],
             n["rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
             n["disk_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-            n["flushes"]
+            n["fsyncs"],
+            n["write_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
         );
     }
 }

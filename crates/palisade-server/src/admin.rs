@@ -282,7 +282,7 @@ impl Admin for AdminService {
         let mut node_infos = Vec::new();
         let mut groups: BTreeMap<u64, pb::GroupStatus> = BTreeMap::new();
         for ((id, addr), probe) in nodes.iter().zip(probes) {
-            let mut counters = (0, 0, 0, 0);
+            let mut counters = (0, 0, 0, 0, 0);
             let (reachable, error) = match probe {
                 Ok(status) => {
                     counters = (
@@ -290,6 +290,7 @@ impl Admin for AdminService {
                         status.flush_waiters,
                         status.rss_bytes,
                         status.disk_bytes,
+                        status.write_bytes,
                     );
                     for g in status.groups {
                         let entry = groups.entry(g.group_id).or_insert_with(|| pb::GroupStatus {
@@ -319,6 +320,7 @@ impl Admin for AdminService {
                 flush_waiters: counters.1,
                 rss_bytes: counters.2,
                 disk_bytes: counters.3,
+                write_bytes: counters.4,
             });
         }
         Ok(Response::new(pb::ClusterStatusResponse {

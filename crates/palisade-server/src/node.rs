@@ -264,6 +264,7 @@ impl Node {
             flush_waiters,
             rss_bytes: rss_bytes().unwrap_or(0),
             disk_bytes: self.store.size_on_disk().unwrap_or(0),
+            write_bytes: write_bytes().unwrap_or(0),
         }
     }
 
@@ -346,6 +347,14 @@ fn rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Bytes this process caused to be written to storage, from
+/// `/proc/self/io` (Linux, with task I/O accounting).
+fn write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    let line = io.lines().find(|l| l.starts_with("write_bytes:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {

@@ -14,12 +14,12 @@
 //!   number of data groups).
 //! - [`Flusher`]: **group commit**. sled makes nothing durable until
 //!   `flush()`, and every flush syncs the whole `Db`. One flusher thread per
-//!   node collects the appends (and votes, commits) of *all* groups that wait
+//!   node collects the appends (and votes) of *all* groups that wait
 //!   for durability and covers them with a single fsync.
 //! - [`LogStore`]: openraft's `RaftLogStorage` on the `log`/`raft` trees.
 //!   Appended entries are acknowledged to openraft only after the fsync that
-//!   covers them; votes and the committed id are durable before their save
-//!   call returns.
+//!   covers them; votes are durable before `save_vote` returns (the
+//!   committed id is a restart hint that rides on the next flush).
 //! - [`StateTree`]: the key-value records with `create_revision`,
 //!   `mod_revision` and `version`, request-deduplication records, and the
 //!   applied log id, all written in one atomic batch per apply call.

@@ -5,8 +5,9 @@
 //!
 //! Durability: `append` writes the entries into sled and hands openraft's
 //! callback to the node's [`Flusher`]; openraft learns the entries are stored
-//! only after the fsync that covers them. `save_vote`, `save_committed`,
-//! `truncate` and `purge` wait for a flush before returning.
+//! only after the fsync that covers them. `save_vote`, `truncate` and `purge`
+//! wait for a flush before returning; `save_committed` does not (it is a
+//! restart hint, see there).
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -192,17 +193,31 @@ where
         &mut self,
         committed: Option<LogId<C::NodeId>>,
     ) -> Result<(), StorageError<C::NodeId>> {
-        self.write_raft(COMMITTED, &committed).map_err(io_err)?;
-        self.sync().await.map_err(io_err)
+        // Not waited on: the committed id is a restart hint (how far to
+        // re-apply), not a safety fact — a lost update only means re-applying
+        // less and learning the rest from the leader. It rides on the next
+        // flush instead of costing an fsync on every commit (which put one
+        // extra fsync per write on the leader's critical path). Because sled
+        // recovers a prefix of the operations, a recovered committed id never
+        // points past the entries appended before it; `read_committed` still
+        // clamps it to the log.
+        self.write_raft(COMMITTED, &committed).map_err(io_err)
     }
 
     async fn read_committed(
         &mut self,
     ) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
-        Ok(self
+        let committed = self
             .read_raft::<Option<LogId<C::NodeId>>>(COMMITTED)
             .map_err(read_err)?
-            .flatten())
+            .flatten();
+        let purged: Option<LogId<C::NodeId>> = self.read_raft(PURGED).map_err(read_err)?;
+        let last = std::cmp::max(self.last_entry_log_id().map_err(read_err)?, purged);
+        Ok(match (committed, last) {
+            (Some(c), Some(l)) if c.index > l.index => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        })
     }
 
     async fn append<I>(

@@ -39,13 +39,13 @@ pub struct DemoArgs {
     pub learners: u64,
 }
 
-struct Nodes {
-    children: Vec<(u64, Child)>,
+pub(crate) struct Nodes {
+    pub(crate) children: Vec<(u64, Child)>,
 }
 
 impl Nodes {
     /// SIGTERM everyone, give them a moment to flush, then SIGKILL.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         for (_, child) in &self.children {
             // SAFETY: plain kill(2) on a pid we spawned and have not reaped.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -71,7 +71,14 @@ impl Drop for Nodes {
     }
 }
 
-fn start_command(exe: &Path, id: u64, addr: &str, peers: &str, dir: &Path, groups: u64) -> Command {
+pub(crate) fn start_command(
+    exe: &Path,
+    id: u64,
+    addr: &str,
+    peers: &str,
+    dir: &Path,
+    groups: u64,
+) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("start")
         .args(["--id", &id.to_string()])
@@ -145,31 +152,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         let dir = root.join(format!("node-{id}"));
         let log_path = root.join(format!("node-{id}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let mut cmd = if *id > args.nodes {
+        let cmd = if *id > args.nodes {
             learner_command(&exe, *id, addr, &voter_endpoints.join(","), &dir)
         } else {
             start_command(&exe, *id, addr, &peers, &dir, args.groups)
         };
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Own process group: Ctrl-C reaches the demo, which stops the
-                // nodes in order; and die if the demo dies.
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start node {id}"))?;
+        let child =
+            spawn_child(cmd, &log_path).with_context(|| format!("cannot start node {id}"))?;
         nodes.children.push((*id, child));
     }
 
@@ -249,6 +238,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Spawns `cmd` with its output appended to `log_path`, in its own process
+/// group (Ctrl-C reaches only the parent, which stops children in order),
+/// and set to die with the parent.
+pub(crate) fn spawn_child(mut cmd: Command, log_path: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?)
+}
+
 fn learner_command(exe: &Path, id: u64, addr: &str, join: &str, dir: &Path) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("start")
@@ -276,7 +288,11 @@ async fn wait_for_stop() {
 }
 
 /// Waits until every node answers and every group has a leader.
-async fn wait_ready(endpoints: &[String], n: u64, nodes: &mut Nodes) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(
+    endpoints: &[String],
+    n: u64,
+    nodes: &mut Nodes,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut last = String::from("no answer yet");
     while tokio::time::Instant::now() < deadline {

@@ -4,6 +4,7 @@
 //! node is `palisade-server` and the client is `palisade-client`.
 
 mod client_cmd;
+mod compare;
 mod demo;
 mod start;
 
@@ -45,8 +46,27 @@ enum Command {
     /// command gets the fencing token in $PALISADE_FENCE.
     Lock(client_cmd::LockArgs),
     /// Load generator: closed or open loop, YCSB-style workloads, latency
-    /// percentiles and server counters.
-    Bench(palisade_bench::BenchArgs),
+    /// percentiles and server counters; `bench compare` runs palisade and
+    /// etcd side by side.
+    Bench(BenchCmd),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCmd {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
+    #[command(flatten)]
+    args: palisade_bench::BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchSub {
+    /// Start 3-node palisade and etcd clusters on loopback, run the same
+    /// workload matrix against each in alternation, write a ratio table,
+    /// JSON and SVG charts (needs a build with `--features etcd`; see
+    /// scripts/bench-compare.sh).
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,7 +91,11 @@ fn main() -> ExitCode {
             Command::Cluster(args) => client_cmd::cluster(args).await,
             Command::Lease(args) => client_cmd::lease(args).await,
             Command::Lock(args) => client_cmd::lock(args).await,
-            Command::Bench(args) => palisade_bench::run(args)
+            Command::Bench(BenchCmd {
+                sub: Some(BenchSub::Compare(args)),
+                ..
+            }) => compare::run(args).await,
+            Command::Bench(BenchCmd { args, .. }) => palisade_bench::run(args)
                 .await
                 .map(|_| std::process::ExitCode::SUCCESS),
         }
