@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod network;
+mod read_batch;
 pub mod runtime;
 pub mod state_machine;
 pub mod types;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState};
 use palisade_storage::{NodeStore, StateTree};
+use read_batch::{ReadBatcher, SharedError};
 
 pub use error::GroupError;
 pub use network::{Connector, PeerChannels, PeerNetwork, TcpConnector};
@@ -80,6 +82,8 @@ pub struct RaftGroup {
     state: StateTree,
     installed: Arc<AtomicU64>,
     lease: std::sync::Mutex<Option<LeaderLease>>,
+    /// Shares leadership rounds among concurrent reads (see `read_batch`).
+    reads: ReadBatcher,
 }
 
 impl RaftGroup {
@@ -113,6 +117,7 @@ impl RaftGroup {
             state,
             installed,
             lease: std::sync::Mutex::new(None),
+            reads: ReadBatcher::default(),
         })
     }
 
@@ -179,48 +184,38 @@ impl RaftGroup {
     /// has applied everything committed before the call. Reads of the state
     /// after this are linearizable.
     pub async fn read_index(&self, timeout: Duration) -> Result<(), GroupError> {
-        let read = tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await;
-        self.leadership_checked(read, timeout).map(|_| ())
+        let index = self.leader_read_index(timeout).await?;
+        if self.wait_applied(index, timeout).await {
+            Ok(())
+        } else {
+            Err(GroupError::NoQuorum {
+                group: self.id,
+                reason: format!("read index {index} not applied within {timeout:?}"),
+            })
+        }
     }
 
     /// The leader's read index: confirms leadership with a quorum (like
     /// [`Self::read_index`]) but does not wait for the local apply. Every
     /// entry committed before the call has an index at most this.
+    /// Concurrent calls share quorum rounds (each joins a round that starts
+    /// after it arrived; see `read_batch`).
     pub async fn leader_read_index(&self, timeout: Duration) -> Result<u64, GroupError> {
-        let read = tokio::time::timeout(timeout, self.raft.get_read_log_id()).await;
-        self.leadership_checked(read, timeout)
-            .map(|(read, _applied)| read.map_or(0, |l| l.index))
-    }
-
-    /// Maps the outcome of a leadership check (with its timeout) to ours.
-    fn leadership_checked<T>(
-        &self,
-        outcome: Result<LeadershipCheck<T>, tokio::time::error::Elapsed>,
-        timeout: Duration,
-    ) -> Result<T, GroupError> {
-        match outcome {
-            Err(_) => Err(GroupError::NoQuorum {
-                group: self.id,
-                reason: format!("leadership not confirmed within {timeout:?}"),
-            }),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(GroupError::NotLeader {
-                    group: self.id,
-                    leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
-                })
+        let raft = self.raft.clone();
+        let id = self.id;
+        let round = move |t: Duration| {
+            let raft = raft.clone();
+            async move {
+                let read = tokio::time::timeout(t, raft.get_read_log_id()).await;
+                check_leadership(id, read, t)
+                    .map(|(read, _applied)| read.map_or(0, |l| l.index))
+                    .map_err(SharedError::from_group_error)
             }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
-                Err(GroupError::NoQuorum {
-                    group: self.id,
-                    reason: q.to_string(),
-                })
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
-                group: self.id,
-                reason: e.to_string(),
-            }),
-        }
+        };
+        self.reads
+            .read_index(timeout, round)
+            .await
+            .map_err(|e| e.into_group_error(self.id))
     }
 
     /// Waits up to `timeout` until this replica has applied `index`; returns
@@ -396,5 +391,37 @@ impl RaftGroup {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(group = self.id, error = %e, "raft shutdown failed");
         }
+    }
+}
+
+/// Maps the outcome of an openraft leadership check (with its timeout) to
+/// ours.
+fn check_leadership<T>(
+    id: GroupId,
+    outcome: Result<LeadershipCheck<T>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<T, GroupError> {
+    match outcome {
+        Err(_) => Err(GroupError::NoQuorum {
+            group: id,
+            reason: format!("leadership not confirmed within {timeout:?}"),
+        }),
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+            Err(GroupError::NotLeader {
+                group: id,
+                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+            })
+        }
+        Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+            Err(GroupError::NoQuorum {
+                group: id,
+                reason: q.to_string(),
+            })
+        }
+        Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
+            group: id,
+            reason: e.to_string(),
+        }),
     }
 }
