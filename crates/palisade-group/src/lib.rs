@@ -18,6 +18,7 @@ mod read_batch;
 pub mod runtime;
 pub mod state_machine;
 pub mod types;
+mod write_batch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{BasicNode, ServerState};
 use palisade_storage::{NodeStore, StateTree};
 use read_batch::{ReadBatcher, SharedError};
+use write_batch::WriteBatcher;
 
 pub use error::GroupError;
 pub use network::{Connector, PeerChannels, PeerNetwork, TcpConnector};
@@ -84,6 +86,9 @@ pub struct RaftGroup {
     lease: std::sync::Mutex<Option<LeaderLease>>,
     /// Shares leadership rounds among concurrent reads (see `read_batch`).
     reads: ReadBatcher,
+    /// Puts concurrent client transactions into one entry (see
+    /// `write_batch`).
+    writes: WriteBatcher,
 }
 
 impl RaftGroup {
@@ -110,6 +115,7 @@ impl RaftGroup {
                 group: id,
                 message: e.to_string(),
             })?;
+        let writes = WriteBatcher::start(id, raft.clone());
         Ok(Self {
             id,
             node,
@@ -118,6 +124,7 @@ impl RaftGroup {
             installed,
             lease: std::sync::Mutex::new(None),
             reads: ReadBatcher::default(),
+            writes,
         })
     }
 
@@ -155,29 +162,16 @@ impl RaftGroup {
         cmd: Command,
         timeout: Duration,
     ) -> Result<CommandResult, GroupError> {
-        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
-            Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(e)) => Err(self.write_error(e)),
+        if WriteBatcher::accepts(&cmd) {
+            self.writes.write(cmd, timeout).await
+        } else {
+            propose(self.id, &self.raft, cmd, timeout).await
         }
     }
 
     /// Maps a failed proposal (a write or a membership change) to ours.
     fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> GroupError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
-                group: self.id,
-                leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
-            },
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => GroupError::Raft {
-                group: self.id,
-                message: e.to_string(),
-            },
-            RaftError::Fatal(e) => GroupError::Stopped {
-                group: self.id,
-                reason: e.to_string(),
-            },
-        }
+        write_error(self.id, e)
     }
 
     /// ReadIndex: returns once this node is confirmed leader by a quorum and
@@ -423,5 +417,41 @@ fn check_leadership<T>(
             group: id,
             reason: e.to_string(),
         }),
+    }
+}
+
+/// Maps a failed proposal (a write or a membership change) to ours.
+fn write_error(
+    group: GroupId,
+    e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+) -> GroupError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => GroupError::NotLeader {
+            group,
+            leader: f.leader_id.map(|id| (id, f.leader_node.map(|n| n.addr))),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => GroupError::Raft {
+            group,
+            message: e.to_string(),
+        },
+        RaftError::Fatal(e) => GroupError::Stopped {
+            group,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// Proposes `cmd` as one entry and waits up to `timeout` until it is
+/// committed and applied here.
+pub(crate) async fn propose(
+    group: GroupId,
+    raft: &Raft,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<CommandResult, GroupError> {
+    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+        Err(_) => Err(GroupError::UnknownOutcome { group }),
+        Ok(Ok(resp)) => Ok(resp.data),
+        Ok(Err(e)) => Err(write_error(group, e)),
     }
 }

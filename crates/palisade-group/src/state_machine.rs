@@ -109,6 +109,23 @@ impl StateMachine {
                 )
             }
             CommandOp::LeaseRevoke { id } => Self::end_lease(batch, revision, *id)?,
+            CommandOp::Batch(cmds) => {
+                let mut each = Vec::with_capacity(cmds.len());
+                for inner in cmds {
+                    each.push(match inner.op {
+                        // Never produced (the proposer batches client
+                        // transactions only); answered, not applied.
+                        CommandOp::Batch(_) | CommandOp::Compact { .. } => {
+                            applied(revision, Vec::new())
+                        }
+                        _ => Self::apply_command(batch, group, log_id, inner)?,
+                    });
+                }
+                CommandResult {
+                    batch: each,
+                    ..applied(revision, Vec::new())
+                }
+            }
             CommandOp::Lock { name, lease } => Self::lock(batch, log_id, name, *lease)?,
             CommandOp::Unlock { name, token } => match batch.lock_get(name)? {
                 Some(held) if held.token == *token => {
@@ -280,6 +297,7 @@ impl StateMachine {
             succeeded,
             results,
             rejected: None,
+            batch: Vec::new(),
         })
     }
 
@@ -317,6 +335,7 @@ fn applied(revision: u64, results: Vec<OpResult>) -> CommandResult {
         succeeded: true,
         results,
         rejected: None,
+        batch: Vec::new(),
     }
 }
 
@@ -326,6 +345,7 @@ fn rejected(revision: u64, why: Rejection) -> CommandResult {
         succeeded: false,
         results: Vec::new(),
         rejected: Some(why),
+        batch: Vec::new(),
     }
 }
 
@@ -626,6 +646,66 @@ mod tests {
                 fence: None,
             },
         )
+    }
+
+    /// A batch entry applies its transactions in order at its own revision,
+    /// answers each separately, and deduplicates each by its request id.
+    #[tokio::test]
+    async fn a_batch_entry_applies_each_transaction_with_its_own_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let with_id = |seq: u64, cmd: Command| Command {
+            request_id: Some(RequestId {
+                client_id: 9,
+                seq,
+                first_incomplete_seq: 1,
+            }),
+            ..cmd
+        };
+        let batch = |cmds: Vec<Command>| Command {
+            request_id: None,
+            op: CommandOp::Batch(cmds),
+        };
+        let results = sm
+            .apply(vec![
+                entry(1, put("a", "1")),
+                entry(
+                    2,
+                    batch(vec![
+                        with_id(1, put("b", "x")),
+                        with_id(2, cas("a", "1", "2")),
+                        with_id(3, cas("c", "nope", "3")),
+                    ]),
+                ),
+                // A retry of seq 1 in a later batch answers as before and
+                // writes nothing.
+                entry(3, batch(vec![with_id(1, put("b", "y")), put("d", "4")])),
+            ])
+            .await
+            .unwrap();
+        let b2 = &results[1].batch;
+        assert_eq!(b2.len(), 3);
+        assert!(b2.iter().all(|r| r.revision == 2));
+        assert!(b2[0].succeeded && b2[1].succeeded && !b2[2].succeeded);
+        let b3 = &results[2].batch;
+        assert_eq!(b3.len(), 2);
+        assert_eq!(b3[0], b2[0], "the retry gets the first answer");
+        assert_eq!(b3[1].revision, 3);
+        let rec = |k: &[u8]| sm.state.get(k).unwrap().0.unwrap();
+        assert_eq!(
+            (rec(b"a").value, rec(b"a").mod_revision),
+            (b"2".to_vec(), 2)
+        );
+        assert_eq!(
+            (rec(b"b").value, rec(b"b").mod_revision),
+            (b"x".to_vec(), 2)
+        );
+        assert_eq!(rec(b"d").mod_revision, 3);
+        assert_eq!(sm.state.get(b"c").unwrap().0, None);
+        // History: the version of `a` replaced at revision 2 is readable
+        // at revision 1.
+        let at1 = sm.state.get_at(b"a", 1).unwrap();
+        assert_eq!(at1.0.map(|r| r.value), Some(b"1".to_vec()));
     }
 
     #[tokio::test]

@@ -77,6 +77,12 @@ pub enum CommandOp {
     Lock { name: Vec<u8>, lease: u64 },
     /// Release lock `name` if `token` is its current token.
     Unlock { name: Vec<u8>, token: u64 },
+    /// Several client transactions proposed as one entry (see
+    /// `write_batch`): they apply in order at this entry's revision, each
+    /// with its own request id and result. The proposer only batches
+    /// transactions on pairwise disjoint keys, without leases, so no two
+    /// versions of a key ever share a revision.
+    Batch(Vec<Command>),
 }
 
 /// Bits of a lease id below the group id.
@@ -243,6 +249,8 @@ pub struct CommandResult {
     pub results: Vec<OpResult>,
     /// Set when the command was refused; nothing else changed.
     pub rejected: Option<Rejection>,
+    /// For a [`CommandOp::Batch`]: one result per command, in order.
+    pub batch: Vec<CommandResult>,
 }
 
 /// The result of one transaction operation.

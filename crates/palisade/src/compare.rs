@@ -540,6 +540,22 @@ pub async fn run(mut args: CompareArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    // A run that did nothing, or mostly failed, makes the table meaningless.
+    for r in runs.iter().flatten().flatten() {
+        let ops = r["ops"].as_u64().unwrap_or(0);
+        let failed = r["errors"].as_u64().unwrap_or(0) + r["timeouts"].as_u64().unwrap_or(0);
+        if ops == 0 || failed > ops / 10 {
+            bail!(
+                "run {} / {} / {} clients completed {ops} operations with {failed} failures; \
+                 see the logs in {}",
+                r["system"].as_str().unwrap_or("?"),
+                r["workload"].as_str().unwrap_or("?"),
+                r["clients"],
+                logs.display()
+            );
+        }
+    }
+
     let etcd_index = clusters.len() - 1;
     let mut table_rows = Vec::new();
     let mut md = String::new();
