@@ -18,9 +18,10 @@
 //! at one revision.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::GroupError;
 use crate::propose;
@@ -28,6 +29,10 @@ use crate::types::{Command, CommandOp, CommandResult, GroupId, Raft};
 
 /// Most transactions in one entry.
 const MAX_BATCH: usize = 256;
+
+/// Batches proposed and not yet answered, per group. Two let the next
+/// batch's append overlap the previous one's replication round trip.
+const IN_FLIGHT: usize = 2;
 
 /// A failed proposal, in a form every waiter of a batch can get a copy of.
 #[derive(Debug, Clone)]
@@ -126,8 +131,14 @@ impl WriteBatcher {
 }
 
 async fn drive(group: GroupId, raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carried: Option<Pending> = None;
     loop {
+        // Wait for a free slot first, so the batch collects everything that
+        // queued meanwhile.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let first = match carried.take() {
             Some(p) => p,
             None => match rx.recv().await {
@@ -156,47 +167,57 @@ async fn drive(group: GroupId, raft: Raft, mut rx: mpsc::UnboundedReceiver<Pendi
         if batch.is_empty() {
             continue;
         }
-        let timeout = batch
-            .iter()
-            .map(|p| p.timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(5));
-        if batch.len() == 1 {
-            let p = batch.remove(0);
-            let r = propose(group, &raft, p.cmd, timeout).await;
-            let _ = p.done.send(r.map_err(|e| Failed::from_group_error(&e)));
-            continue;
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            run_batch(group, &raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Proposes `batch` (one command alone, several as a batch entry) and
+/// answers each of its callers.
+async fn run_batch(group: GroupId, raft: &Raft, mut batch: Vec<Pending>) {
+    let timeout = batch
+        .iter()
+        .map(|p| p.timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(5));
+    if batch.len() == 1 {
+        let p = batch.remove(0);
+        let r = propose(group, raft, p.cmd, timeout).await;
+        let _ = p.done.send(r.map_err(|e| Failed::from_group_error(&e)));
+        return;
+    }
+    let cmds: Vec<Command> = batch.iter().map(|p| p.cmd.clone()).collect();
+    let n = cmds.len();
+    let entry = Command {
+        request_id: None,
+        op: CommandOp::Batch(cmds),
+    };
+    match propose(group, raft, entry, timeout).await {
+        Ok(result) if result.batch.len() == n => {
+            for (p, r) in batch.into_iter().zip(result.batch) {
+                let _ = p.done.send(Ok(r));
+            }
         }
-        let cmds: Vec<Command> = batch.iter().map(|p| p.cmd.clone()).collect();
-        let n = cmds.len();
-        let entry = Command {
-            request_id: None,
-            op: CommandOp::Batch(cmds),
-        };
-        match propose(group, &raft, entry, timeout).await {
-            Ok(result) if result.batch.len() == n => {
-                for (p, r) in batch.into_iter().zip(result.batch) {
-                    let _ = p.done.send(Ok(r));
-                }
+        Ok(result) => {
+            // Cannot happen with a state machine of this version; the
+            // writes applied, but their results are not known here.
+            tracing::error!(
+                group,
+                expected = n,
+                got = result.batch.len(),
+                "batch result has the wrong length"
+            );
+            for p in batch {
+                let _ = p.done.send(Err(Failed::UnknownOutcome));
             }
-            Ok(result) => {
-                // Cannot happen with a state machine of this version; the
-                // writes applied, but their results are not known here.
-                tracing::error!(
-                    group,
-                    expected = n,
-                    got = result.batch.len(),
-                    "batch result has the wrong length"
-                );
-                for p in batch {
-                    let _ = p.done.send(Err(Failed::UnknownOutcome));
-                }
-            }
-            Err(e) => {
-                let f = Failed::from_group_error(&e);
-                for p in batch {
-                    let _ = p.done.send(Err(f.clone()));
-                }
+        }
+        Err(e) => {
+            let f = Failed::from_group_error(&e);
+            for p in batch {
+                let _ = p.done.send(Err(f.clone()));
             }
         }
     }
