@@ -559,7 +559,7 @@ pub async fn run(mut args: CompareArgs) -> anyhow::Result<ExitCode> {
     let etcd_index = clusters.len() - 1;
     let mut table_rows = Vec::new();
     let mut md = String::new();
-    md.push_str("| workload | clients | palisade | ops/s | etcd ops/s | × | p50 ms | etcd p50 | × | p99 ms | etcd p99 | × | fsyncs/write | etcd | bytes written/write | etcd |\n");
+    md.push_str("| workload | clients | palisade groups | palisade ops/s | etcd ops/s | × | palisade p50 ms | etcd p50 ms | × | palisade p99 ms | etcd p99 ms | × | palisade fsyncs/write | etcd fsyncs/write | palisade bytes written/write | etcd bytes written/write |\n");
     md.push_str(
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
