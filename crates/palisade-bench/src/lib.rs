@@ -165,6 +165,19 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(args: &BenchArgs, backend: Backend) -> Arc<Self> {
+        Arc::new(Shared {
+            keys: KeyChooser::new(args.keys, args.key_dist),
+            value: vec![b'v'; args.value_size],
+            level: read_level(args.consistency),
+            backend,
+            counters: Counters::default(),
+            measuring: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            args: args.clone(),
+        })
+    }
+
     /// Runs one operation; returns whether it succeeded.
     async fn run_op(&self, conn: usize, op: Op, key: Vec<u8>) -> bool {
         let b = &self.backend;
@@ -328,16 +341,7 @@ fn percentiles(h: &Histogram<u64>) -> Value {
 /// Writes every key once (`--keys`, `--value-size`) through `backend`, with
 /// 64 concurrent writers; returns how long it took.
 pub async fn preload_keys(args: &BenchArgs, backend: Backend) -> anyhow::Result<Duration> {
-    let shared = Arc::new(Shared {
-        keys: KeyChooser::new(args.keys, args.key_dist),
-        value: vec![b'v'; args.value_size],
-        level: read_level(args.consistency),
-        backend,
-        counters: Counters::default(),
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        args: args.clone(),
-    });
+    let shared = Shared::new(args, backend);
     preload(&shared).await
 }
 
@@ -371,16 +375,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
 /// have `args.connections` connections).
 pub async fn run_with(args: BenchArgs, backend: Backend) -> anyhow::Result<Value> {
     check_args(&args)?;
-    let shared = Arc::new(Shared {
-        keys: KeyChooser::new(args.keys, args.key_dist),
-        value: vec![b'v'; args.value_size],
-        level: read_level(args.consistency),
-        backend,
-        counters: Counters::default(),
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        args: args.clone(),
-    });
+    let shared = Shared::new(&args, backend);
     let preload_time = if args.preload.unwrap_or(args.workload.reads()) {
         eprintln!("preloading {} keys…", args.keys);
         Some(preload(&shared).await?)

@@ -63,3 +63,37 @@ fn describe(r: &Rejection) -> String {
         }
     }
 }
+
+/// A copy of the [`GroupError`]s a shared Raft round can end with (a
+/// ReadIndex round shared by reads, a batch entry shared by writes), so that
+/// every waiter of the round gets its own.
+#[derive(Debug, Clone)]
+pub(crate) enum SharedError {
+    NotLeader(Option<(NodeId, Option<String>)>),
+    NoQuorum(String),
+    UnknownOutcome,
+    Stopped(String),
+    Raft(String),
+}
+
+impl SharedError {
+    pub(crate) fn from_group_error(e: &GroupError) -> Self {
+        match e {
+            GroupError::NotLeader { leader, .. } => SharedError::NotLeader(leader.clone()),
+            GroupError::NoQuorum { reason, .. } => SharedError::NoQuorum(reason.clone()),
+            GroupError::UnknownOutcome { .. } => SharedError::UnknownOutcome,
+            GroupError::Stopped { reason, .. } => SharedError::Stopped(reason.clone()),
+            other => SharedError::Raft(other.to_string()),
+        }
+    }
+
+    pub(crate) fn into_group_error(self, group: GroupId) -> GroupError {
+        match self {
+            SharedError::NotLeader(leader) => GroupError::NotLeader { group, leader },
+            SharedError::NoQuorum(reason) => GroupError::NoQuorum { group, reason },
+            SharedError::UnknownOutcome => GroupError::UnknownOutcome { group },
+            SharedError::Stopped(reason) => GroupError::Stopped { group, reason },
+            SharedError::Raft(message) => GroupError::Raft { group, message },
+        }
+    }
+}

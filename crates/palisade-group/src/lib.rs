@@ -25,10 +25,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use error::SharedError;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState};
 use palisade_storage::{NodeStore, StateTree};
-use read_batch::{ReadBatcher, SharedError};
+use read_batch::ReadBatcher;
 use write_batch::WriteBatcher;
 
 pub use error::GroupError;
@@ -162,10 +163,9 @@ impl RaftGroup {
         cmd: Command,
         timeout: Duration,
     ) -> Result<CommandResult, GroupError> {
-        if WriteBatcher::accepts(&cmd) {
-            self.writes.write(cmd, timeout).await
-        } else {
-            propose(self.id, &self.raft, cmd, timeout).await
+        match write_batch::batch_keys(&cmd) {
+            Some(keys) => self.writes.write(cmd, keys, timeout).await,
+            None => propose(self.id, &self.raft, cmd, timeout).await,
         }
     }
 
@@ -203,7 +203,7 @@ impl RaftGroup {
                 let read = tokio::time::timeout(t, raft.get_read_log_id()).await;
                 check_leadership(id, read, t)
                     .map(|(read, _applied)| read.map_or(0, |l| l.index))
-                    .map_err(SharedError::from_group_error)
+                    .map_err(|e| SharedError::from_group_error(&e))
             }
         };
         self.reads

@@ -20,39 +20,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::error::GroupError;
-use crate::types::{GroupId, NodeId};
+use crate::error::SharedError;
 
 /// A round's outcome, shared by its readers.
 pub(crate) type RoundResult = Result<u64, SharedError>;
-
-/// The errors a leadership round can end with, in a form every waiter can
-/// get a copy of.
-#[derive(Debug, Clone)]
-pub(crate) enum SharedError {
-    NotLeader(Option<(NodeId, Option<String>)>),
-    NoQuorum(String),
-    Stopped(String),
-}
-
-impl SharedError {
-    pub(crate) fn from_group_error(e: GroupError) -> Self {
-        match e {
-            GroupError::NotLeader { leader, .. } => SharedError::NotLeader(leader),
-            GroupError::NoQuorum { reason, .. } => SharedError::NoQuorum(reason),
-            GroupError::Stopped { reason, .. } => SharedError::Stopped(reason),
-            other => SharedError::NoQuorum(other.to_string()),
-        }
-    }
-
-    pub(crate) fn into_group_error(self, group: GroupId) -> GroupError {
-        match self {
-            SharedError::NotLeader(leader) => GroupError::NotLeader { group, leader },
-            SharedError::NoQuorum(reason) => GroupError::NoQuorum { group, reason },
-            SharedError::Stopped(reason) => GroupError::Stopped { group, reason },
-        }
-    }
-}
 
 #[derive(Default)]
 struct State {

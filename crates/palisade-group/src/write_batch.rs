@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::error::GroupError;
+use crate::error::{GroupError, SharedError};
 use crate::propose;
 use crate::types::{Command, CommandOp, CommandResult, GroupId, Raft};
 
@@ -34,45 +34,16 @@ const MAX_BATCH: usize = 256;
 /// batch's append overlap the previous one's replication round trip.
 const IN_FLIGHT: usize = 2;
 
-/// A failed proposal, in a form every waiter of a batch can get a copy of.
-#[derive(Debug, Clone)]
-enum Failed {
-    NotLeader(Option<(u64, Option<String>)>),
-    UnknownOutcome,
-    Stopped(String),
-    Raft(String),
-}
-
-impl Failed {
-    fn from_group_error(e: &GroupError) -> Self {
-        match e {
-            GroupError::NotLeader { leader, .. } => Failed::NotLeader(leader.clone()),
-            GroupError::UnknownOutcome { .. } => Failed::UnknownOutcome,
-            GroupError::Stopped { reason, .. } => Failed::Stopped(reason.clone()),
-            other => Failed::Raft(other.to_string()),
-        }
-    }
-
-    fn into_group_error(self, group: GroupId) -> GroupError {
-        match self {
-            Failed::NotLeader(leader) => GroupError::NotLeader { group, leader },
-            Failed::UnknownOutcome => GroupError::UnknownOutcome { group },
-            Failed::Stopped(reason) => GroupError::Stopped { group, reason },
-            Failed::Raft(message) => GroupError::Raft { group, message },
-        }
-    }
-}
-
 struct Pending {
     cmd: Command,
     keys: BTreeSet<Vec<u8>>,
     timeout: Duration,
-    done: oneshot::Sender<Result<CommandResult, Failed>>,
+    done: oneshot::Sender<Result<CommandResult, SharedError>>,
 }
 
 /// The keys a batchable command touches, or `None` when it must be proposed
 /// alone.
-fn batch_keys(cmd: &Command) -> Option<BTreeSet<Vec<u8>>> {
+pub(crate) fn batch_keys(cmd: &Command) -> Option<BTreeSet<Vec<u8>>> {
     match &cmd.op {
         CommandOp::Txn(txn) => Some(txn.keys().map(<[u8]>::to_vec).collect()),
         _ => None,
@@ -95,19 +66,14 @@ impl WriteBatcher {
         Self { group, tx }
     }
 
-    /// Whether `cmd` goes through the batcher.
-    pub(crate) fn accepts(cmd: &Command) -> bool {
-        batch_keys(cmd).is_some()
-    }
-
-    /// Proposes `cmd` (a transaction) as part of the next batch and waits
-    /// up to `timeout` for its result.
+    /// Proposes `cmd` (a transaction touching `keys`, see [`batch_keys`])
+    /// as part of the next batch and waits up to `timeout` for its result.
     pub(crate) async fn write(
         &self,
         cmd: Command,
+        keys: BTreeSet<Vec<u8>>,
         timeout: Duration,
     ) -> Result<CommandResult, GroupError> {
-        let keys = batch_keys(&cmd).unwrap_or_default();
         let (done, rx) = oneshot::channel();
         let pending = Pending {
             cmd,
@@ -186,7 +152,9 @@ async fn run_batch(group: GroupId, raft: &Raft, mut batch: Vec<Pending>) {
     if batch.len() == 1 {
         let p = batch.remove(0);
         let r = propose(group, raft, p.cmd, timeout).await;
-        let _ = p.done.send(r.map_err(|e| Failed::from_group_error(&e)));
+        let _ = p
+            .done
+            .send(r.map_err(|e| SharedError::from_group_error(&e)));
         return;
     }
     let cmds: Vec<Command> = batch.iter().map(|p| p.cmd.clone()).collect();
@@ -211,11 +179,11 @@ async fn run_batch(group: GroupId, raft: &Raft, mut batch: Vec<Pending>) {
                 "batch result has the wrong length"
             );
             for p in batch {
-                let _ = p.done.send(Err(Failed::UnknownOutcome));
+                let _ = p.done.send(Err(SharedError::UnknownOutcome));
             }
         }
         Err(e) => {
-            let f = Failed::from_group_error(&e);
+            let f = SharedError::from_group_error(&e);
             for p in batch {
                 let _ = p.done.send(Err(f.clone()));
             }
