@@ -434,7 +434,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         save_snapshot(&self.snapshots, &meta, &data)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.flusher
-            .sync()
+            .sync_db()
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::info!(group = self.group, index = ?self.applied.map(|l| l.index), bytes = data.len(), "built snapshot");
@@ -513,6 +513,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.built += 1;
         // Called between applies, so these reads see one consistent state.
         let copy = (|| -> Result<_, StoreError> {
+            // openraft purges the log up to this snapshot afterwards (after
+            // a flush): the state that covers those entries must be in sled
+            // by then, not only in the pending overlay.
+            self.state.persist()?;
             let records = self.state.export()?;
             let applied: Option<LogId<NodeId>> = self.state.meta(APPLIED)?.flatten();
             let membership: Membership = self.state.meta(MEMBERSHIP)?.unwrap_or_default();
@@ -568,9 +572,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(snap_err)?;
         batch.set_revision(revision);
         batch.commit().map_err(snap_err)?;
+        // The log up to the snapshot is purged next; sled must hold it all.
+        self.state.persist().map_err(snap_err)?;
         save_snapshot(&self.snapshots, meta, &data).map_err(snap_err)?;
         self.flusher
-            .sync()
+            .sync_db()
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.installed.fetch_add(1, Ordering::Relaxed);

@@ -1,16 +1,21 @@
-//! Group commit: one fsync covers the pending writes of every group.
+//! Group commit: one fsync covers the pending log writes of every group.
 //!
-//! Writers put their data into sled first, then [`Flusher::submit`] a
-//! completion. The flusher thread takes every completion queued so far, calls
-//! `Db::flush()` once (which syncs all trees), and then runs the completions.
-//! Because a completion is queued only after its write is in sled, the flush
-//! that runs after dequeuing it covers the write. Under load many appends from
-//! many groups share one fsync, so fsyncs per write fall below one.
+//! Writers append to the node's [`Wal`] first, then [`Flusher::submit`] a
+//! completion. The flusher thread takes every completion queued so far, syncs
+//! the log once, and then runs the completions. Because a completion is
+//! queued only after its write is in the log file, the sync that runs after
+//! dequeuing it covers the write. Under load many appends from many groups
+//! share one fsync, so fsyncs per write fall below one.
+//!
+//! The rarely written sled state (votes, snapshots, purge points) is made
+//! durable with [`Flusher::sync_db`].
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+
+use crate::Wal;
 
 /// What to run once the data it waits for is durable (or the flush failed).
 pub type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
@@ -18,7 +23,7 @@ pub type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 /// Counters that explain durability cost.
 #[derive(Debug, Default)]
 pub struct FlushStats {
-    /// Number of `Db::flush()` calls made by the flusher.
+    /// Number of log syncs and sled flushes.
     pub flushes: AtomicU64,
     /// Number of completions those flushes covered.
     pub completions: AtomicU64,
@@ -42,37 +47,40 @@ pub enum FlushMode {
 #[derive(Clone)]
 pub struct Flusher {
     target: Target,
+    wal: Wal,
+    db: sled::Db,
+    mode: FlushMode,
     stats: Arc<FlushStats>,
 }
 
 #[derive(Clone)]
 enum Target {
     Thread(mpsc::Sender<Completion>),
-    Inline(sled::Db),
+    Inline,
 }
 
 impl Flusher {
-    /// A flusher in `mode` for `db`.
-    pub fn new(db: sled::Db, mode: FlushMode) -> io::Result<Self> {
-        match mode {
-            FlushMode::Thread => Self::start(db),
-            FlushMode::Inline => Ok(Self {
-                target: Target::Inline(db),
-                stats: Arc::new(FlushStats::default()),
-            }),
-        }
-    }
-
-    /// Starts the flusher thread for `db`. It exits when every handle is gone.
-    pub fn start(db: sled::Db) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Completion>();
+    /// A flusher in `mode` for the log `wal` and the database `db`.
+    pub fn new(wal: Wal, db: sled::Db, mode: FlushMode) -> io::Result<Self> {
         let stats = Arc::new(FlushStats::default());
-        let thread_stats = stats.clone();
-        std::thread::Builder::new()
-            .name("palisade-flusher".into())
-            .spawn(move || run(db, rx, &thread_stats))?;
+        let target = match mode {
+            FlushMode::Thread => {
+                let (tx, rx) = mpsc::channel::<Completion>();
+                let thread_stats = stats.clone();
+                let thread_wal = wal.clone();
+                // The thread exits when every handle is gone.
+                std::thread::Builder::new()
+                    .name("palisade-flusher".into())
+                    .spawn(move || run(thread_wal, rx, &thread_stats))?;
+                Target::Thread(tx)
+            }
+            FlushMode::Inline => Target::Inline,
+        };
         Ok(Self {
-            target: Target::Thread(tx),
+            target,
+            wal,
+            db,
+            mode,
             stats,
         })
     }
@@ -85,11 +93,8 @@ impl Flusher {
                     done(Err(io::Error::other("flusher stopped")));
                 }
             }
-            Target::Inline(db) => {
-                let result = db
-                    .flush()
-                    .map(|_| ())
-                    .map_err(|e| io::Error::other(e.to_string()));
+            Target::Inline => {
+                let result = self.wal.sync();
                 self.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 self.stats.completions.fetch_add(1, Ordering::Relaxed);
                 done(result);
@@ -97,7 +102,8 @@ impl Flusher {
         }
     }
 
-    /// Waits until everything written before this call is durable.
+    /// Waits until everything appended to the log before this call is
+    /// durable.
     pub async fn sync(&self) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Box::new(move |res| {
@@ -107,17 +113,37 @@ impl Flusher {
             .map_err(|_| io::Error::other("flusher dropped a completion"))?
     }
 
+    /// Flushes sled: makes every sled write issued before this call durable.
+    pub async fn sync_db(&self) -> io::Result<()> {
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        let flush = |db: &sled::Db| {
+            db.flush()
+                .map(|_| ())
+                .map_err(|e| io::Error::other(e.to_string()))
+        };
+        match self.mode {
+            // A simulation must not hand work to another thread.
+            FlushMode::Inline => flush(&self.db),
+            FlushMode::Thread => {
+                let db = self.db.clone();
+                tokio::task::spawn_blocking(move || flush(&db))
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?
+            }
+        }
+    }
+
     /// Flush counters.
     pub fn stats(&self) -> &FlushStats {
         &self.stats
     }
 }
 
-fn run(db: sled::Db, rx: mpsc::Receiver<Completion>, stats: &FlushStats) {
+fn run(wal: Wal, rx: mpsc::Receiver<Completion>, stats: &FlushStats) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let result = wal.sync().map_err(|e| e.to_string());
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats
             .completions
@@ -144,10 +170,12 @@ mod tests {
                 .flush_every_ms(None)
                 .open()
                 .unwrap();
-            let flusher = Flusher::new(db.clone(), mode).unwrap();
+            let wal =
+                Wal::open(&dir.path().join("wal"), crate::wal::DEFAULT_SEGMENT_BYTES).unwrap();
+            let flusher = Flusher::new(wal.clone(), db, mode).unwrap();
             let (tx, rx) = mpsc::channel();
             for i in 0..10u8 {
-                db.insert([i], vec![i]).unwrap();
+                wal.append(1, &[(u64::from(i) + 1, vec![i])]).unwrap();
                 let tx = tx.clone();
                 flusher.submit(Box::new(move |r| tx.send(r.is_ok()).unwrap()));
             }

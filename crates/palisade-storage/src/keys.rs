@@ -16,8 +16,9 @@
 //! terminator `0x00 0x00`) so that they sort by user key first and revision
 //! second, and no key's history can interleave with another's.
 //!
-//! The `log` tree is keyed by the big-endian log index, so sled's byte order
-//! is log order.
+//! Earlier versions kept the Raft log in a sled tree keyed by the big-endian
+//! log index ([`log_key`]); it is read once, to move it into the
+//! write-ahead log.
 //!
 //! [`KeyRecord`]: crate::state::KeyRecord
 

@@ -1,36 +1,39 @@
-//! Durable storage for a palisade node: one sled `Db` shared by every Raft
-//! group the node hosts.
+//! Durable storage for a palisade node: one write-ahead log and one sled
+//! `Db`, both shared by every Raft group the node hosts.
 //!
 //! # What this crate owns
 //!
-//! - [`NodeStore`]: opens the node's sled database and hands out per-group
-//!   trees. Each group `g` owns four trees:
-//!   - `g{g}/log`: Raft log entries, keyed by big-endian log index;
+//! - [`NodeStore`]: opens the node's storage and hands out per-group
+//!   handles. The Raft log entries of all groups live in the [`Wal`]
+//!   (`wal/` under the store's directory). Each group `g` owns three sled
+//!   trees:
 //!   - `g{g}/raft`: the vote, the committed log id and the last purged log id;
 //!   - `g{g}/state`: the replicated key-value state (see [`state`]);
 //!   - `g{g}/snap`: the last snapshot this replica built or installed.
 //!
 //!   A node-level `node` tree records facts fixed at bootstrap (e.g. the
 //!   number of data groups).
-//! - [`Flusher`]: **group commit**. sled makes nothing durable until
-//!   `flush()`, and every flush syncs the whole `Db`. One flusher thread per
-//!   node collects the appends (and votes) of *all* groups that wait
-//!   for durability and covers them with a single fsync.
-//! - [`LogStore`]: openraft's `RaftLogStorage` on the `log`/`raft` trees.
-//!   Appended entries are acknowledged to openraft only after the fsync that
-//!   covers them; votes are durable before `save_vote` returns (the
-//!   committed id is a restart hint that rides on the next flush).
+//! - [`Flusher`]: **group commit**. One flusher thread per node collects the
+//!   appends of *all* groups that wait for durability and covers them with a
+//!   single `fdatasync` of the log.
+//! - [`LogStore`]: openraft's `RaftLogStorage` on the log and the `raft`
+//!   tree. Appended entries are acknowledged to openraft only after the sync
+//!   that covers them; votes are durable before `save_vote` returns (the
+//!   committed id is a restart hint that rides on a later flush).
 //! - [`StateTree`]: the key-value records with `create_revision`,
 //!   `mod_revision` and `version`, request-deduplication records, and the
 //!   applied log id, all written in one atomic batch per apply call.
 //!
 //! # Crash model
 //!
-//! sled recovers a prefix of the operations issued before a crash; anything
-//! after the last completed `flush()` may be lost. The log is therefore the
-//! source of truth: the state tree is not flushed on every apply (it is
-//! rebuilt by re-applying committed entries on restart), and the log is
-//! purged only after a flush has made the state that covers it durable.
+//! The log keeps every entry acknowledged as stored (see [`wal`]). sled
+//! recovers a prefix of the operations issued before a crash; anything after
+//! the last completed `flush()` may be lost. The log is therefore the source
+//! of truth: the state tree is not flushed on every apply (it is rebuilt by
+//! re-applying committed entries on restart), and the log is purged only
+//! after a flush has made the state that covers it durable. If the state
+//! survived further than the log (a follower applies entries it has not
+//! synced yet), openraft purges the log up to the applied id on start.
 //!
 //! Version history (MVCC) lives in the same tree: see [`state`].
 
@@ -40,6 +43,7 @@ pub mod keys;
 pub mod log;
 pub mod snapshot;
 pub mod state;
+pub mod wal;
 
 use std::path::Path;
 
@@ -51,15 +55,18 @@ pub use state::{
     KeyEntry, KeyHistory, KeyRecord, LeaseRecord, LockRecord, PastVersion, RawRecord, ScanResult,
     StateBatch, StateTree, Version,
 };
+pub use wal::Wal;
 
 /// Default bound on sled's page cache: sled's own default is 1 GiB, far too
 /// much for a node that may run next to four others on a laptop.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// The node's sled database plus its group-commit flusher.
+/// The node's sled database and write-ahead log, plus the group-commit
+/// flusher.
 #[derive(Clone)]
 pub struct NodeStore {
     db: sled::Db,
+    wal: Wal,
     flusher: Flusher,
 }
 
@@ -78,9 +85,10 @@ impl NodeStore {
             // fsyncs that nobody waits for.
             .flush_every_ms(None)
             .open()?;
-        let flusher = Flusher::new(db.clone(), mode)
+        let wal = Wal::open(&path.join("wal"), wal::DEFAULT_SEGMENT_BYTES)?;
+        let flusher = Flusher::new(wal.clone(), db.clone(), mode)
             .map_err(|e| StoreError::Flush(format!("cannot start the flusher thread: {e}")))?;
-        Ok(Self { db, flusher })
+        Ok(Self { db, wal, flusher })
     }
 
     /// The group-commit flusher shared by all groups of this node.
@@ -93,7 +101,7 @@ impl NodeStore {
         &self,
         group: u64,
     ) -> Result<LogStore<C>, StoreError> {
-        LogStore::open(&self.db, group, self.flusher.clone())
+        LogStore::open(&self.db, &self.wal, group, self.flusher.clone())
     }
 
     /// The replicated key-value state of `group`.
@@ -128,13 +136,16 @@ impl NodeStore {
         Ok(())
     }
 
-    /// Bytes sled occupies on disk.
+    /// Bytes sled and the log occupy on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.db.size_on_disk()? + self.wal.size_on_disk())
     }
 
-    /// Flushes everything now (used before purging logs and at shutdown).
+    /// Flushes everything now (at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.wal
+            .sync()
+            .map_err(|e| StoreError::Flush(e.to_string()))?;
         self.db.flush()?;
         Ok(())
     }

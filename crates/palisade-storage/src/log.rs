@@ -1,13 +1,17 @@
-//! openraft's `RaftLogStorage` on sled, with group commit.
+//! openraft's `RaftLogStorage` on the node's write-ahead log, with group
+//! commit.
 //!
-//! Trees (per group): `g{g}/log` maps the big-endian index to the bincode
-//! entry; `g{g}/raft` holds `vote`, `committed` and `purged`.
+//! The entries (bincode) live in the node's [`Wal`]; the sled tree
+//! `g{g}/raft` holds `vote`, `committed` and `purged`.
 //!
-//! Durability: `append` writes the entries into sled and hands openraft's
-//! callback to the node's [`Flusher`]; openraft learns the entries are stored
-//! only after the fsync that covers them. `save_vote`, `truncate` and `purge`
-//! wait for a flush before returning; `save_committed` does not (it is a
-//! restart hint, see there).
+//! Durability: `append` writes the entries to the log file and hands
+//! openraft's callback to the node's [`Flusher`]; openraft learns the entries
+//! are stored only after the sync that covers them. `save_vote`, `truncate`
+//! and `purge` wait for their writes to be durable before returning;
+//! `save_committed` does not (it is a restart hint, see there).
+//!
+//! Logs written by earlier versions into the sled tree `g{g}/log` are moved
+//! into the write-ahead log when the group opens.
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -22,8 +26,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{decode, encode};
-use crate::keys::{decode_log_key, log_key};
-use crate::{Flusher, StoreError};
+use crate::keys::decode_log_key;
+use crate::{Flusher, StoreError, Wal};
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
@@ -32,7 +36,7 @@ const PURGED: &str = "purged";
 /// The Raft log of one group.
 pub struct LogStore<C: RaftTypeConfig> {
     group: u64,
-    log: sled::Tree,
+    wal: Wal,
     raft: sled::Tree,
     flusher: Flusher,
     _types: PhantomData<C>,
@@ -42,7 +46,7 @@ impl<C: RaftTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
         Self {
             group: self.group,
-            log: self.log.clone(),
+            wal: self.wal.clone(),
             raft: self.raft.clone(),
             flusher: self.flusher.clone(),
             _types: PhantomData,
@@ -51,14 +55,67 @@ impl<C: RaftTypeConfig> Clone for LogStore<C> {
 }
 
 impl<C: RaftTypeConfig> LogStore<C> {
-    pub(crate) fn open(db: &sled::Db, group: u64, flusher: Flusher) -> Result<Self, StoreError> {
-        Ok(Self {
+    pub(crate) fn open(
+        db: &sled::Db,
+        wal: &Wal,
+        group: u64,
+        flusher: Flusher,
+    ) -> Result<Self, StoreError> {
+        let store = Self {
             group,
-            log: db.open_tree(format!("g{group}/log"))?,
+            wal: wal.clone(),
             raft: db.open_tree(format!("g{group}/raft"))?,
             flusher,
             _types: PhantomData,
-        })
+        };
+        store.migrate_sled_log(db)?;
+        if let Some(purged) = store.read_raft::<LogId<C::NodeId>>(PURGED)? {
+            store.wal.release(group, purged.index)?;
+        }
+        Ok(store)
+    }
+
+    /// Moves entries an earlier version kept in the sled tree `g{g}/log`
+    /// into the write-ahead log (durably), then empties the tree.
+    fn migrate_sled_log(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let name = format!("g{}/log", self.group);
+        if !db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+        {
+            return Ok(());
+        }
+        let tree = db.open_tree(&name)?;
+        if tree.is_empty() {
+            return Ok(());
+        }
+        let mut moved = 0usize;
+        let mut chunk = Vec::new();
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let index = decode_log_key(&k).ok_or_else(|| StoreError::Corrupt {
+                what: format!("group {}: malformed key in the old log tree", self.group),
+            })?;
+            chunk.push((index, v.to_vec()));
+            if chunk.len() == 1024 {
+                moved += chunk.len();
+                self.wal.append(self.group, &std::mem::take(&mut chunk))?;
+            }
+        }
+        moved += chunk.len();
+        self.wal.append(self.group, &chunk)?;
+        self.wal
+            .sync()
+            .map_err(|e| StoreError::Flush(e.to_string()))?;
+        tree.clear()?;
+        db.flush()?;
+        tracing::info!(
+            group = self.group,
+            entries = moved,
+            "moved the Raft log from sled into the write-ahead log"
+        );
+        Ok(())
     }
 
     /// The group this log belongs to.
@@ -75,9 +132,18 @@ impl<C: RaftTypeConfig> LogStore<C> {
         Ok(())
     }
 
-    async fn sync(&self) -> Result<(), StoreError> {
+    /// Waits until the log is durable.
+    async fn sync_log(&self) -> Result<(), StoreError> {
         self.flusher
             .sync()
+            .await
+            .map_err(|e| StoreError::Flush(e.to_string()))
+    }
+
+    /// Waits until sled is durable.
+    async fn sync_db(&self) -> Result<(), StoreError> {
+        self.flusher
+            .sync_db()
             .await
             .map_err(|e| StoreError::Flush(e.to_string()))
     }
@@ -86,25 +152,16 @@ impl<C: RaftTypeConfig> LogStore<C> {
     where
         C::Entry: DeserializeOwned,
     {
-        match self.log.last()? {
+        let Some((_, last)) = self.wal.bounds(self.group) else {
+            return Ok(None);
+        };
+        match self.wal.read(self.group, last..last + 1)?.pop() {
             None => Ok(None),
             Some((_, v)) => {
                 let entry: C::Entry = decode(&v)?;
                 Ok(Some(entry.get_log_id().clone()))
             }
         }
-    }
-
-    /// Removes every entry whose index lies in `range` (sled has no range
-    /// delete; a batch keeps it one write).
-    fn remove_range(&self, range: impl RangeBounds<[u8; 8]>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(range) {
-            let (k, _) = item?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch)?;
-        Ok(())
     }
 }
 
@@ -116,12 +173,19 @@ fn read_err<NID: openraft::NodeId>(e: StoreError) -> StorageError<NID> {
     StorageIOError::read_logs(&e).into()
 }
 
-fn encode_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
-    match b {
-        Bound::Included(i) => Bound::Included(log_key(*i)),
-        Bound::Excluded(i) => Bound::Excluded(log_key(*i)),
-        Bound::Unbounded => Bound::Unbounded,
-    }
+/// `range` as a half-open range of indexes.
+fn index_range(range: &impl RangeBounds<u64>) -> std::ops::Range<u64> {
+    let start = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
+    };
+    start..end
 }
 
 impl<C> RaftLogReader<C> for LogStore<C>
@@ -133,13 +197,14 @@ where
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        let start = encode_bound(range.start_bound());
-        let end = encode_bound(range.end_bound());
-        let mut out = Vec::new();
-        for item in self.log.range((start, end)) {
-            let (k, v) = item.map_err(|e| read_err(e.into()))?;
+        let stored = self
+            .wal
+            .read(self.group, index_range(&range))
+            .map_err(read_err)?;
+        let mut out = Vec::with_capacity(stored.len());
+        for (index, v) in stored {
             let entry: C::Entry = decode(&v).map_err(read_err)?;
-            if decode_log_key(&k) != Some(entry.log_id.index) {
+            if index != entry.log_id.index {
                 return Err(read_err(StoreError::Corrupt {
                     what: format!(
                         "group {}: log key does not match entry {}",
@@ -179,7 +244,7 @@ where
     async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
         let res = async {
             self.write_raft(VOTE, vote)?;
-            self.sync().await
+            self.sync_db().await
         };
         res.await.map_err(|e| StorageIOError::write_vote(&e).into())
     }
@@ -229,12 +294,12 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut encoded = Vec::new();
         for entry in entries {
             let bytes = encode(&entry).map_err(io_err)?;
-            batch.insert(&log_key(entry.log_id.index), bytes);
+            encoded.push((entry.log_id.index, bytes));
         }
-        self.log.apply_batch(batch).map_err(|e| io_err(e.into()))?;
+        self.wal.append(self.group, &encoded).map_err(io_err)?;
         self.flusher
             .submit(Box::new(move |res| callback.log_io_completed(res)));
         Ok(())
@@ -242,8 +307,10 @@ where
 
     async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
         tracing::debug!(group = self.group, index = log_id.index, "truncating log");
-        self.remove_range(log_key(log_id.index)..).map_err(io_err)?;
-        self.sync().await.map_err(io_err)
+        self.wal
+            .truncate(self.group, log_id.index)
+            .map_err(io_err)?;
+        self.sync_log().await.map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
@@ -251,10 +318,9 @@ where
         // The state that covers the purged entries (applied before the
         // snapshot that triggered this purge) is not flushed on apply; make it
         // durable before the entries that could rebuild it disappear.
-        self.sync().await.map_err(io_err)?;
+        self.sync_db().await.map_err(io_err)?;
         self.write_raft(PURGED, &log_id).map_err(io_err)?;
-        self.remove_range(..=log_key(log_id.index))
-            .map_err(io_err)?;
-        self.sync().await.map_err(io_err)
+        self.sync_db().await.map_err(io_err)?;
+        self.wal.release(self.group, log_id.index).map_err(io_err)
     }
 }

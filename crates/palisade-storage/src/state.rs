@@ -21,13 +21,23 @@
 //!
 //! All writes of one apply call go through a [`StateBatch`]: an in-memory
 //! overlay that later operations of the same batch read through (so entry
-//! n+1 sees entry n), committed with one atomic `apply_batch` together with
-//! the new applied log id. A crash therefore leaves the tree at some applied
-//! log id with exactly the effects of the entries up to it.
+//! n+1 sees entry n). Committing a batch moves it, with the new applied log
+//! id, into the tree's **pending** overlay, which every read merges over
+//! sled. The pending records go to sled in one atomic `apply_batch` when
+//! they grow past a bound, before a snapshot or compaction, and on
+//! [`StateTree::persist`]. A crash therefore leaves sled at some applied log
+//! id with exactly the effects of the entries up to it; the Raft log, kept
+//! until a snapshot made the state durable, re-applies the rest.
+//!
+//! Why defer: sled 0.34 makes every atomic batch two synchronous writes on
+//! its I/O threads, so one batch per apply cost more CPU than the rest of a
+//! replicated write together (etcd's backend batches its commits for the
+//! same reason).
 
 use std::collections::BTreeMap;
+use std::iter::Peekable;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -122,16 +132,36 @@ pub struct KeyHistory {
     pub revision: u64,
 }
 
+/// Pending records are written to sled once there are this many...
+const PERSIST_RECORDS: usize = 512;
+/// ... or once their keys and values take this many bytes.
+const PERSIST_BYTES: usize = 256 * 1024;
+
+/// Committed records not yet written to sled: encoded key → value (`None`:
+/// deleted).
+#[derive(Default)]
+struct Pending {
+    records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl Pending {
+    fn is_full(&self) -> bool {
+        self.records.len() >= PERSIST_RECORDS || self.bytes >= PERSIST_BYTES
+    }
+}
+
 /// Handle to one group's state tree. Cheap to clone.
 #[derive(Clone)]
 pub struct StateTree {
     tree: sled::Tree,
-    /// sled iterators are not snapshots: a scan running while a batch commits
-    /// could see half a transaction. Commits take this lock for writing,
-    /// multi-record reads for reading.
-    commit_lock: Arc<RwLock<()>>,
+    /// Committed records not yet in sled. The lock also makes reads atomic:
+    /// sled iterators are not snapshots, so a scan running while records move
+    /// to sled could see half a transaction. Commits take it for writing,
+    /// reads for reading.
+    pending: Arc<RwLock<Pending>>,
     /// Log index of the last applied entry (the group's revision), published
-    /// under `commit_lock` together with the batch that applied it.
+    /// under the `pending` lock together with the batch that applied it.
     revision: Arc<AtomicU64>,
     /// The compaction point, published like `revision`.
     compacted: Arc<AtomicU64>,
@@ -141,7 +171,7 @@ impl StateTree {
     pub(crate) fn open(db: &sled::Db, group: u64) -> Result<Self, StoreError> {
         let state = Self {
             tree: db.open_tree(format!("g{group}/state"))?,
-            commit_lock: Arc::new(RwLock::new(())),
+            pending: Arc::new(RwLock::new(Pending::default())),
             revision: Arc::new(AtomicU64::new(0)),
             compacted: Arc::new(AtomicU64::new(0)),
         };
@@ -153,6 +183,71 @@ impl StateTree {
         let c: u64 = self.meta(COMPACTED)?.unwrap_or(0);
         self.compacted.store(c, Ordering::Release);
         Ok(())
+    }
+
+    fn read_pending(&self) -> RwLockReadGuard<'_, Pending> {
+        self.pending.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_pending(&self) -> RwLockWriteGuard<'_, Pending> {
+        self.pending.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record at `key`, pending writes first, then sled.
+    fn decoded<T: DeserializeOwned>(
+        &self,
+        pending: &Pending,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match pending.records.get(key) {
+            Some(Some(v)) => decode(v).map(Some),
+            Some(None) => Ok(None),
+            None => self.tree.get(key)?.map(|v| decode(&v)).transpose(),
+        }
+    }
+
+    /// The raw record at `key`, pending writes first, then sled.
+    fn raw(&self, pending: &Pending, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match pending.records.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Records with `lo <= key < hi`, pending writes merged over sled.
+    fn range<'a>(&'a self, pending: &'a Pending, lo: Vec<u8>, hi: Vec<u8>) -> Merged<'a> {
+        Merged::new(self, pending, lo, hi, false)
+    }
+
+    /// Like [`Self::range`], from the highest key down.
+    fn range_rev<'a>(&'a self, pending: &'a Pending, lo: Vec<u8>, hi: Vec<u8>) -> Merged<'a> {
+        Merged::new(self, pending, lo, hi, true)
+    }
+
+    /// Writes every pending record to sled in one atomic batch.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        self.persist_locked(&mut self.write_pending())
+    }
+
+    fn persist_locked(&self, pending: &mut Pending) -> Result<(), StoreError> {
+        if pending.records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in &pending.records {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        *pending = Pending::default();
+        Ok(())
+    }
+
+    /// Number of committed records not yet written to sled.
+    pub fn pending_records(&self) -> usize {
+        self.read_pending().records.len()
     }
 
     /// The compaction point: the oldest revision still readable.
@@ -192,12 +287,8 @@ impl StateTree {
 
     /// Reads the latest record of `key`, with the revision it was read at.
     pub fn get(&self, key: &[u8]) -> Result<(Option<KeyRecord>, u64), StoreError> {
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
-        let record = self
-            .tree
-            .get(user_key(key))?
-            .map(|v| decode(&v))
-            .transpose()?;
+        let pending = self.read_pending();
+        let record = self.decoded(&pending, &user_key(key))?;
         Ok((record, self.revision()))
     }
 
@@ -207,22 +298,21 @@ impl StateTree {
         if at == 0 {
             return self.get(key);
         }
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let pending = self.read_pending();
         self.check_readable(at)?;
-        let latest: Option<KeyRecord> = self
-            .tree
-            .get(user_key(key))?
-            .map(|v| decode(&v))
-            .transpose()?;
+        let latest: Option<KeyRecord> = self.decoded(&pending, &user_key(key))?;
         if let Some(r) = latest
             && r.mod_revision <= at
         {
             return Ok((Some(r), at));
         }
         let past = self
-            .tree
-            .range(history_key(key, 0)..=history_key(key, at))
-            .next_back()
+            .range_rev(
+                &pending,
+                history_key(key, 0),
+                history_key(key, at.saturating_add(1)),
+            )
+            .next()
             .transpose()?;
         let record = match past {
             Some((_, v)) => decode::<PastVersion>(&v)?.into_record(),
@@ -234,10 +324,10 @@ impl StateTree {
     /// Every retained version of `key`, oldest first, ending with the
     /// current one (or its tombstone).
     pub fn history(&self, key: &[u8]) -> Result<KeyHistory, StoreError> {
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let pending = self.read_pending();
         let prefix = history_prefix(key);
         let mut versions = Vec::new();
-        for item in self.tree.scan_prefix(&prefix) {
+        for item in self.range(&pending, prefix.clone(), prefix_end(&prefix)) {
             let (k, v) = item?;
             let (_, revision) = decode_history_key(&k).ok_or_else(|| StoreError::Corrupt {
                 what: "malformed history key".into(),
@@ -247,8 +337,7 @@ impl StateTree {
                 record: decode::<PastVersion>(&v)?.into_record(),
             });
         }
-        if let Some(v) = self.tree.get(user_key(key))? {
-            let record: KeyRecord = decode(&v)?;
+        if let Some(record) = self.decoded::<KeyRecord>(&pending, &user_key(key))? {
             versions.push(Version {
                 revision: record.mod_revision,
                 record: Some(record),
@@ -272,14 +361,16 @@ impl StateTree {
         if at == 0 {
             return self.scan(start, end, limit);
         }
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let pending = self.read_pending();
         self.check_readable(at)?;
         let corrupt = |what: &str| StoreError::Corrupt { what: what.into() };
-        let mut latest = self
-            .tree
-            .range(user_key(start)..end.map(user_key).unwrap_or_else(user_keys_end));
+        let mut latest = self.range(
+            &pending,
+            user_key(start),
+            end.map(user_key).unwrap_or_else(user_keys_end),
+        );
         let hist_hi = end.map(history_prefix).unwrap_or_else(history_end);
-        let mut past = self.tree.range(history_prefix(start)..hist_hi);
+        let mut past = self.range(&pending, history_prefix(start), hist_hi);
         // Merge-join the two ordered streams by user key.
         let mut next_latest = latest.next().transpose()?;
         let mut next_past = past.next().transpose()?;
@@ -346,17 +437,16 @@ impl StateTree {
 
     /// A lease record.
     pub fn lease(&self, id: u64) -> Result<Option<LeaseRecord>, StoreError> {
-        self.tree
-            .get(lease_key(id))?
-            .map(|v| decode(&v))
-            .transpose()
+        let pending = self.read_pending();
+        self.decoded(&pending, &lease_key(id))
     }
 
     /// Every lease, by id.
     pub fn leases(&self) -> Result<Vec<(u64, LeaseRecord)>, StoreError> {
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
+        let pending = self.read_pending();
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([crate::keys::LEASE]) {
+        let prefix = vec![crate::keys::LEASE];
+        for item in self.range(&pending, prefix.clone(), prefix_end(&prefix)) {
             let (k, v) = item?;
             let id = decode_lease_key(&k).ok_or_else(|| StoreError::Corrupt {
                 what: "malformed lease key".into(),
@@ -368,19 +458,16 @@ impl StateTree {
 
     /// A lock record, with the revision it was read at.
     pub fn lock(&self, name: &[u8]) -> Result<(Option<LockRecord>, u64), StoreError> {
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
-        let record = self
-            .tree
-            .get(lock_key(name))?
-            .map(|v| decode(&v))
-            .transpose()?;
+        let pending = self.read_pending();
+        let record = self.decoded(&pending, &lock_key(name))?;
         Ok((record, self.revision()))
     }
 
     /// Number of history records (superseded versions and tombstones).
     pub fn history_record_count(&self) -> Result<usize, StoreError> {
+        let pending = self.read_pending();
         let mut n = 0;
-        for item in self.tree.range(vec![crate::keys::HISTORY]..history_end()) {
+        for item in self.range(&pending, vec![crate::keys::HISTORY], history_end()) {
             item?;
             n += 1;
         }
@@ -395,8 +482,8 @@ impl StateTree {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<ScanResult, StoreError> {
-        let _guard = self.commit_lock.read().unwrap_or_else(|p| p.into_inner());
-        let (records, more) = self.scan_unlocked(start, end, limit)?;
+        let pending = self.read_pending();
+        let (records, more) = self.scan_locked(&pending, start, end, limit)?;
         Ok(ScanResult {
             records,
             more,
@@ -404,8 +491,9 @@ impl StateTree {
         })
     }
 
-    fn scan_unlocked(
+    fn scan_locked(
         &self,
+        pending: &Pending,
         start: &[u8],
         end: Option<&[u8]>,
         limit: usize,
@@ -413,7 +501,7 @@ impl StateTree {
         let lo = user_key(start);
         let hi = end.map(user_key).unwrap_or_else(user_keys_end);
         let mut out = Vec::new();
-        for item in self.tree.range(lo..hi) {
+        for item in self.range(pending, lo, hi) {
             let (k, v) = item?;
             if out.len() == limit {
                 return Ok((out, true));
@@ -428,10 +516,8 @@ impl StateTree {
 
     /// Reads a metadata value.
     pub fn meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
-        self.tree
-            .get(meta_key(name))?
-            .map(|v| decode(&v))
-            .transpose()
+        let pending = self.read_pending();
+        self.decoded(&pending, &meta_key(name))
     }
 
     /// Starts a batch of writes.
@@ -448,13 +534,8 @@ impl StateTree {
     /// concurrently with a batch commit (the state machine calls it between
     /// applies).
     pub fn export(&self) -> Result<Vec<RawRecord>, StoreError> {
-        self.tree
-            .iter()
-            .map(|item| {
-                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(StoreError::from)
-            })
-            .collect()
+        let pending = self.read_pending();
+        self.range(&pending, Vec::new(), vec![0xff; 9]).collect()
     }
 
     /// Replaces the whole state with `records` (from a snapshot), atomically.
@@ -463,7 +544,8 @@ impl StateTree {
         records: Vec<(Vec<u8>, Vec<u8>)>,
         revision: u64,
     ) -> Result<(), StoreError> {
-        let _guard = self.commit_lock.write().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.write_pending();
+        *pending = Pending::default();
         let mut batch = sled::Batch::default();
         for item in self.tree.iter() {
             let (k, _) = item?;
@@ -474,17 +556,127 @@ impl StateTree {
         }
         self.tree.apply_batch(batch)?;
         self.set_revision(revision);
-        self.load_compacted()
+        // Not `load_compacted`: it would take the lock held here.
+        let c: u64 = self.decoded(&pending, &meta_key(COMPACTED))?.unwrap_or(0);
+        self.compacted.store(c, Ordering::Release);
+        Ok(())
     }
 
     /// Number of user keys (linear scan; for status and tests).
     pub fn user_key_count(&self) -> Result<usize, StoreError> {
+        let pending = self.read_pending();
         let mut n = 0;
-        for item in self.tree.range(user_key(b"")..user_keys_end()) {
+        for item in self.range(&pending, user_key(b""), user_keys_end()) {
             item?;
             n += 1;
         }
         Ok(n)
+    }
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: no key sorts after the prefix's range but longer 0xff runs;
+    // state keys never start that way.
+    vec![0xff; prefix.len() + 1]
+}
+
+type SledRange = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>;
+type PendingRange<'a> = Box<dyn Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a>;
+
+/// A key range of sled with the pending records merged over it: a pending
+/// value replaces sled's, a pending deletion hides it.
+struct Merged<'a> {
+    tree: Peekable<SledRange>,
+    pending: Peekable<PendingRange<'a>>,
+    reverse: bool,
+}
+
+/// Which side of a [`Merged`] yields next.
+enum Side {
+    Tree,
+    Pending,
+    /// Both hold the key: the pending record wins and sled's is skipped.
+    Both,
+}
+
+impl<'a> Merged<'a> {
+    fn new(
+        state: &StateTree,
+        pending: &'a Pending,
+        lo: Vec<u8>,
+        hi: Vec<u8>,
+        reverse: bool,
+    ) -> Self {
+        let tree = state.tree.range(lo.clone()..hi.clone());
+        let staged = pending.records.range(lo..hi);
+        let (tree, staged): (SledRange, PendingRange<'a>) = if reverse {
+            (Box::new(tree.rev()), Box::new(staged.rev()))
+        } else {
+            (Box::new(tree), Box::new(staged))
+        };
+        Self {
+            tree: tree.peekable(),
+            pending: staged.peekable(),
+            reverse,
+        }
+    }
+
+    fn next_side(&mut self) -> Option<Side> {
+        let tree_key = match self.tree.peek() {
+            Some(Ok((k, _))) => Some(k.as_ref()),
+            // Let the caller take the error.
+            Some(Err(_)) => return Some(Side::Tree),
+            None => None,
+        };
+        let pending_key = self.pending.peek().map(|(k, _)| k.as_slice());
+        Some(match (tree_key, pending_key) {
+            (None, None) => return None,
+            (Some(_), None) => Side::Tree,
+            (None, Some(_)) => Side::Pending,
+            (Some(t), Some(p)) if t == p => Side::Both,
+            (Some(t), Some(p)) => {
+                if (p < t) != self.reverse {
+                    Side::Pending
+                } else {
+                    Side::Tree
+                }
+            }
+        })
+    }
+}
+
+impl Iterator for Merged<'_> {
+    type Item = Result<RawRecord, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.next_side()? {
+                Side::Tree => {
+                    let item = self.tree.next()?;
+                    return Some(
+                        item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                            .map_err(StoreError::from),
+                    );
+                }
+                side @ (Side::Pending | Side::Both) => {
+                    if matches!(side, Side::Both) {
+                        self.tree.next();
+                    }
+                    let (k, v) = self.pending.next()?;
+                    if let Some(v) = v {
+                        return Some(Ok((k.clone(), v.clone())));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -513,7 +705,7 @@ impl StateBatch<'_> {
     fn raw_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.state.tree.get(key)?.map(|v| v.to_vec())),
+            None => self.state.raw(&self.state.read_pending(), key),
         }
     }
 
@@ -604,12 +796,14 @@ impl StateBatch<'_> {
     /// (and changes nothing) when history is already compacted that far.
     ///
     /// Reads the committed tree, not the overlay: it must be the first
-    /// operation of its batch.
+    /// operation of its batch. Writes the pending records to sled first, so
+    /// the tree is the whole committed state.
     pub fn compact(&mut self, revision: u64) -> Result<bool, StoreError> {
         debug_assert!(self.overlay.is_empty(), "compact must start its batch");
         if revision <= self.state.compacted() {
             return Ok(false);
         }
+        self.state.persist()?;
         let corrupt = || StoreError::Corrupt {
             what: "malformed history key".into(),
         };
@@ -712,9 +906,15 @@ impl StateBatch<'_> {
     pub fn dedup_forget_below(&mut self, client_id: u64, seq: u64) -> Result<(), StoreError> {
         let lo = dedup_key(client_id, 0);
         let hi = dedup_key(client_id, seq);
-        for item in self.state.tree.range(lo..hi) {
-            let (k, _) = item?;
-            self.overlay.insert(k.to_vec(), None);
+        let committed: Vec<Vec<u8>> = {
+            let pending = self.state.read_pending();
+            self.state
+                .range(&pending, lo.to_vec(), hi.to_vec())
+                .map(|item| item.map(|(k, _)| k))
+                .collect::<Result<_, _>>()?
+        };
+        for k in committed {
+            self.overlay.insert(k, None);
         }
         let staged: Vec<Vec<u8>> = self
             .overlay
@@ -738,26 +938,22 @@ impl StateBatch<'_> {
         self.revision = Some(revision);
     }
 
-    /// Applies every staged write atomically.
+    /// Makes every staged write visible at once. They reach sled, in one
+    /// atomic batch with later ones, when the pending records are persisted.
     pub fn commit(self) -> Result<(), StoreError> {
-        let _guard = self
-            .state
-            .commit_lock
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
+        let mut pending = self.state.write_pending();
         for (k, v) in self.overlay {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
+            pending.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
+            pending.records.insert(k, v);
         }
-        self.state.tree.apply_batch(batch)?;
         if let Some(revision) = self.revision {
             self.state.set_revision(revision);
         }
         if let Some(c) = self.compacted {
             self.state.compacted.store(c, Ordering::Release);
+        }
+        if pending.is_full() {
+            self.state.persist_locked(&mut pending)?;
         }
         Ok(())
     }
@@ -772,6 +968,129 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let t = StateTree::open(&db, 1).unwrap();
         (dir, t)
+    }
+
+    fn values(scan: &ScanResult) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
+        scan.records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone(), r.mod_revision))
+            .collect()
+    }
+
+    #[test]
+    fn reads_merge_pending_records_over_sled() {
+        let (_dir, t) = tree();
+        let mut b = t.batch();
+        for k in [b"a", b"b", b"c"] {
+            b.put(k, b"v1".to_vec(), 1).unwrap();
+        }
+        b.set_revision(1);
+        b.commit().unwrap();
+        t.persist().unwrap();
+        assert_eq!(t.pending_records(), 0);
+
+        // Revision 2 stays pending: a is overwritten (its old version moves
+        // to history), b deleted, d created.
+        let mut b = t.batch();
+        b.put(b"a", b"v2".to_vec(), 2).unwrap();
+        b.delete(b"b", 2).unwrap();
+        b.put(b"d", b"v2".to_vec(), 2).unwrap();
+        b.set_revision(2);
+        b.commit().unwrap();
+        assert!(t.pending_records() > 0);
+
+        let check = |t: &StateTree| {
+            assert_eq!(
+                t.get(b"b").unwrap().0,
+                None,
+                "a pending delete hides sled's record"
+            );
+            assert_eq!(t.get(b"a").unwrap().0.unwrap().value, b"v2");
+            let scan = t.scan(b"", None, 10).unwrap();
+            assert_eq!(
+                values(&scan),
+                vec![
+                    (b"a".to_vec(), b"v2".to_vec(), 2),
+                    (b"c".to_vec(), b"v1".to_vec(), 1),
+                    (b"d".to_vec(), b"v2".to_vec(), 2),
+                ]
+            );
+            let limited = t.scan(b"", None, 1).unwrap();
+            assert!(limited.more);
+            assert_eq!(limited.records.len(), 1);
+            let old = t.scan_at(b"", None, 10, 1).unwrap();
+            assert_eq!(
+                values(&old),
+                vec![
+                    (b"a".to_vec(), b"v1".to_vec(), 1),
+                    (b"b".to_vec(), b"v1".to_vec(), 1),
+                    (b"c".to_vec(), b"v1".to_vec(), 1),
+                ]
+            );
+            assert_eq!(t.get_at(b"a", 1).unwrap().0.unwrap().value, b"v1");
+            assert_eq!(t.get_at(b"b", 1).unwrap().0.unwrap().value, b"v1");
+            assert_eq!(t.get_at(b"b", 2).unwrap().0, None);
+            let revisions: Vec<u64> = t
+                .history(b"b")
+                .unwrap()
+                .versions
+                .iter()
+                .map(|v| v.revision)
+                .collect();
+            assert_eq!(revisions, vec![1, 2]);
+            assert_eq!(t.user_key_count().unwrap(), 3);
+            assert_eq!(t.history_record_count().unwrap(), 3);
+        };
+        check(&t);
+        let before = t.export().unwrap();
+        t.persist().unwrap();
+        assert_eq!(t.pending_records(), 0);
+        check(&t);
+        assert_eq!(t.export().unwrap(), before, "persisting changes no record");
+    }
+
+    #[test]
+    fn after_a_crash_sled_holds_exactly_the_persisted_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let t = StateTree::open(&db, 1).unwrap();
+            let mut b = t.batch();
+            b.put(b"k", b"one".to_vec(), 1).unwrap();
+            b.set_meta("applied", &1u64).unwrap();
+            b.commit().unwrap();
+            t.persist().unwrap();
+            let mut b = t.batch();
+            b.put(b"k", b"two".to_vec(), 2).unwrap();
+            b.put(b"other", b"two".to_vec(), 2).unwrap();
+            b.set_meta("applied", &2u64).unwrap();
+            b.commit().unwrap();
+            assert_eq!(t.meta::<u64>("applied").unwrap(), Some(2));
+            db.flush().unwrap();
+            // Dropped without persisting: a crash after the flush.
+        }
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let t = StateTree::open(&db, 1).unwrap();
+        assert_eq!(t.meta::<u64>("applied").unwrap(), Some(1));
+        assert_eq!(t.get(b"k").unwrap().0.unwrap().value, b"one");
+        assert_eq!(t.get(b"other").unwrap().0, None);
+    }
+
+    #[test]
+    fn pending_records_go_to_sled_once_they_pass_the_bound() {
+        let (_dir, t) = tree();
+        for i in 0..(PERSIST_RECORDS as u64) {
+            let mut b = t.batch();
+            b.put(&i.to_be_bytes(), vec![1; 16], i + 1).unwrap();
+            b.set_revision(i + 1);
+            b.commit().unwrap();
+        }
+        assert!(
+            t.pending_records() < PERSIST_RECORDS,
+            "{} pending",
+            t.pending_records()
+        );
+        assert_eq!(t.user_key_count().unwrap(), PERSIST_RECORDS);
     }
 
     #[test]
