@@ -160,14 +160,18 @@ impl Txn {
 pub enum TxnOp {
     /// `lease`: attach the key to this lease (0: none).
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         lease: u64,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     Get {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
 }
@@ -183,6 +187,7 @@ impl TxnOp {
 /// A condition on a key's current record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub op: CompareOp,
     pub target: CompareTarget,
@@ -199,7 +204,7 @@ pub enum CompareOp {
 /// What a compare looks at, with the operand.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompareTarget {
-    Value(Vec<u8>),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
     Version(u64),
     ModRevision(u64),
     CreateRevision(u64),
