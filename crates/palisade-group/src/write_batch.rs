@@ -7,17 +7,21 @@
 //! rate is one flush cycle per write (about 2k/s on a 2-core VM), however
 //! many clients wait.
 //!
-//! How: one driver task per group keeps at most one batch in flight. While
-//! it is in flight, new transactions queue; the next batch takes every
-//! queued transaction whose keys are disjoint from the keys already in it
-//! (a later one that overlaps waits for the following batch, keeping the
-//! arrival order of writes to a key). A batch of one is proposed as a plain
+//! How: one driver task per group keeps at most [`IN_FLIGHT`] batches in
+//! flight. Meanwhile new transactions queue; the next batch takes, in
+//! arrival order, every queued transaction whose keys are disjoint from the
+//! keys already in it and from the keys of every transaction it passed over.
+//! A transaction that overlaps waits for a later batch, and so does every
+//! later one that shares a key with it, which keeps the arrival order of
+//! writes to each key; the rest of the queue still fills the batch, so one
+//! hot key does not shrink every batch to a single write. A batch of one is
+//! proposed as a plain
 //! command, so a lone writer pays nothing extra. The commands of a batch
 //! apply in order at the entry's revision, each with its own request id
 //! (deduplication) and result; disjoint keys mean no key gets two versions
 //! at one revision.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +33,10 @@ use crate::types::{Command, CommandOp, CommandResult, GroupId, Raft};
 
 /// Most transactions in one entry.
 const MAX_BATCH: usize = 256;
+
+/// Most queued transactions one batch looks at beyond the ones it takes, so
+/// a queue of conflicting writes cannot make the driver spin on it.
+const MAX_EXAMINED: usize = 4 * MAX_BATCH;
 
 /// Batches proposed and not yet answered, per group. Two let the next
 /// batch's append overlap the previous one's replication round trip.
@@ -98,36 +106,34 @@ impl WriteBatcher {
 
 async fn drive(group: GroupId, raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut carried: Option<Pending> = None;
+    // Transactions passed over by earlier batches, in arrival order.
+    let mut deferred: VecDeque<Pending> = VecDeque::new();
     loop {
         // Wait for a free slot first, so the batch collects everything that
         // queued meanwhile.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let first = match carried.take() {
+        let first = match deferred.pop_front() {
             Some(p) => p,
             None => match rx.recv().await {
                 Some(p) => p,
                 None => return,
             },
         };
-        let mut keys = first.keys.clone();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut next = Collecting::new(first);
+        for p in std::mem::take(&mut deferred) {
+            next.offer(p, &mut deferred);
+        }
+        let mut examined = 0;
+        while next.batch.len() < MAX_BATCH && examined < MAX_EXAMINED {
             match rx.try_recv() {
-                Ok(p) if p.keys.is_disjoint(&keys) => {
-                    keys.extend(p.keys.iter().cloned());
-                    batch.push(p);
-                }
-                Ok(p) => {
-                    // Overlaps a write in this batch: first in the next.
-                    carried = Some(p);
-                    break;
-                }
+                Ok(p) => next.offer(p, &mut deferred),
                 Err(_) => break,
             }
+            examined += 1;
         }
+        let mut batch = next.batch;
         // Callers that already gave up need no answer.
         batch.retain(|p| !p.done.is_closed());
         if batch.is_empty() {
@@ -138,6 +144,40 @@ async fn drive(group: GroupId, raft: Raft, mut rx: mpsc::UnboundedReceiver<Pendi
             run_batch(group, &raft, batch).await;
             drop(permit);
         });
+    }
+}
+
+/// A batch being put together.
+struct Collecting {
+    batch: Vec<Pending>,
+    /// Keys written by the batch.
+    keys: BTreeSet<Vec<u8>>,
+    /// Keys of the transactions passed over: a later transaction touching
+    /// one of them must not overtake the earlier one.
+    blocked: BTreeSet<Vec<u8>>,
+}
+
+impl Collecting {
+    fn new(first: Pending) -> Self {
+        Self {
+            keys: first.keys.clone(),
+            batch: vec![first],
+            blocked: BTreeSet::new(),
+        }
+    }
+
+    /// Takes `p` into the batch, or passes it over onto `deferred`.
+    fn offer(&mut self, p: Pending, deferred: &mut VecDeque<Pending>) {
+        if self.batch.len() < MAX_BATCH
+            && p.keys.is_disjoint(&self.keys)
+            && p.keys.is_disjoint(&self.blocked)
+        {
+            self.keys.extend(p.keys.iter().cloned());
+            self.batch.push(p);
+        } else {
+            self.blocked.extend(p.keys.iter().cloned());
+            deferred.push_back(p);
+        }
     }
 }
 
@@ -188,5 +228,73 @@ async fn run_batch(group: GroupId, raft: &Raft, mut batch: Vec<Pending>) {
                 let _ = p.done.send(Err(f.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Txn;
+
+    fn pending(keys: &[&str]) -> Pending {
+        let (done, _) = oneshot::channel();
+        Pending {
+            cmd: Command {
+                request_id: None,
+                op: CommandOp::Txn(Txn::default()),
+            },
+            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            timeout: Duration::from_secs(1),
+            done,
+        }
+    }
+
+    fn keys(p: &Pending) -> Vec<String> {
+        p.keys
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_conflicting_write_waits_without_closing_the_batch_or_being_overtaken() {
+        let mut deferred = VecDeque::new();
+        let mut next = Collecting::new(pending(&["a"]));
+        for p in [
+            pending(&["b"]),
+            pending(&["a", "c"]), // overlaps the batch: waits
+            pending(&["c"]),      // would overtake the write above on c: waits
+            pending(&["d"]),
+            pending(&["a"]), // hot key: waits behind the first
+        ] {
+            next.offer(p, &mut deferred);
+        }
+        let taken: Vec<Vec<String>> = next.batch.iter().map(keys).collect();
+        assert_eq!(taken, vec![vec!["a"], vec!["b"], vec!["d"]]);
+        let waiting: Vec<Vec<String>> = deferred.iter().map(keys).collect();
+        assert_eq!(waiting, vec![vec!["a", "c"], vec!["c"], vec!["a"]]);
+
+        // The next batch starts with the oldest waiting write and keeps the
+        // order per key.
+        let mut again = VecDeque::new();
+        let mut next = Collecting::new(deferred.pop_front().unwrap());
+        for p in deferred {
+            next.offer(p, &mut again);
+        }
+        let taken: Vec<Vec<String>> = next.batch.iter().map(keys).collect();
+        assert_eq!(taken, vec![vec!["a", "c"]]);
+        let waiting: Vec<Vec<String>> = again.iter().map(keys).collect();
+        assert_eq!(waiting, vec![vec!["c"], vec!["a"]]);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_size_limit() {
+        let mut deferred = VecDeque::new();
+        let mut next = Collecting::new(pending(&["k0"]));
+        for i in 1..=MAX_BATCH {
+            next.offer(pending(&[&format!("k{i}")]), &mut deferred);
+        }
+        assert_eq!(next.batch.len(), MAX_BATCH);
+        assert_eq!(deferred.len(), 1);
     }
 }
