@@ -169,11 +169,6 @@ impl RaftGroup {
         }
     }
 
-    /// Maps a failed proposal (a write or a membership change) to ours.
-    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> GroupError {
-        write_error(self.id, e)
-    }
-
     /// ReadIndex: returns once this node is confirmed leader by a quorum and
     /// has applied everything committed before the call. Reads of the state
     /// after this are linearizable.
@@ -376,7 +371,7 @@ impl RaftGroup {
         match tokio::time::timeout(timeout, add).await {
             Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.write_error(e)),
+            Ok(Err(e)) => Err(write_error(self.id, e)),
         }
     }
 

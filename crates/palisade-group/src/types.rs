@@ -80,8 +80,8 @@ pub enum CommandOp {
     /// Several client transactions proposed as one entry (see
     /// `write_batch`): they apply in order at this entry's revision, each
     /// with its own request id and result. The proposer only batches
-    /// transactions on pairwise disjoint keys, without leases, so no two
-    /// versions of a key ever share a revision.
+    /// transactions on pairwise disjoint keys (fence locks included), so no
+    /// two versions of a key ever share a revision.
     Batch(Vec<Command>),
 }
 

@@ -15,11 +15,10 @@
 //! later one that shares a key with it, which keeps the arrival order of
 //! writes to each key; the rest of the queue still fills the batch, so one
 //! hot key does not shrink every batch to a single write. A batch of one is
-//! proposed as a plain
-//! command, so a lone writer pays nothing extra. The commands of a batch
-//! apply in order at the entry's revision, each with its own request id
-//! (deduplication) and result; disjoint keys mean no key gets two versions
-//! at one revision.
+//! proposed as a plain command, so a lone writer pays nothing extra. The
+//! commands of a batch apply in order at the entry's revision, each with its
+//! own request id (deduplication) and result; disjoint keys mean no key gets
+//! two versions at one revision.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;

@@ -83,6 +83,9 @@ struct Inner {
     current: u64,
     /// Next write offset in the current segment.
     offset: u64,
+    /// Length of the current segment's file (kept here so an append needs
+    /// no `fstat`).
+    len: u64,
     /// Per group: entry index → location.
     index: BTreeMap<u64, BTreeMap<u64, Loc>>,
 }
@@ -119,6 +122,7 @@ impl Wal {
             segments: BTreeMap::new(),
             current: 0,
             offset: HEADER as u64,
+            len: 0,
             index: BTreeMap::new(),
         };
         let last = seqs.last().copied();
@@ -147,6 +151,7 @@ impl Wal {
                 zero_from(&file, end.offset).map_err(|e| io_error(&path, e))?;
                 inner.current = seq;
                 inner.offset = end.offset;
+                inner.len = file_len(&file);
             }
             inner.segments.insert(
                 seq,
@@ -188,6 +193,7 @@ impl Wal {
         );
         inner.current = seq;
         inner.offset = HEADER as u64;
+        inner.len = self.segment_bytes.max(HEADER as u64);
         Ok(())
     }
 
@@ -205,9 +211,10 @@ impl Wal {
         }
         let seg = &inner.segments[&inner.current];
         let end = inner.offset + len;
-        if end > file_len(&seg.file) {
+        if end > inner.len {
             // One record larger than a segment: let the file grow.
             seg.file.set_len(end).map_err(|e| io_error(&seg.path, e))?;
+            inner.len = end;
         }
         seg.file
             .write_all_at(buf, inner.offset)
