@@ -129,7 +129,7 @@ impl TestCluster {
                 let joined = s.groups.iter().all(|g| {
                     g.replicas
                         .iter()
-                        .any(|r| r.node_id == id && r.role == "learner")
+                        .any(|r| r.node_id == id && r.role == pb::RaftRole::Learner as i32)
                 });
                 if joined && s.groups.len() as u64 == self.opts.groups + 1 {
                     break;
@@ -327,13 +327,23 @@ impl TestCluster {
                     .iter()
                     .filter(|n| n.reachable && alive.contains(&n.id))
                     .count();
-                let groups_ok = s.groups.len() as u64 == self.opts.groups + 1
+                // Every group of the map (once there is one) has a leader
+                // every live replica follows.
+                let expected = s
+                    .map
+                    .as_ref()
+                    .map_or(self.opts.groups + 1, |m| m.groups.len() as u64);
+                let groups_ok = s.map.is_some()
+                    && s.groups.len() as u64 == expected
                     && s.groups.iter().all(|g| {
                         alive.contains(&g.leader_id)
                             && g.replicas
                                 .iter()
                                 .filter(|r| alive.contains(&r.node_id))
-                                .all(|r| r.term == g.term && r.role != "candidate")
+                                .all(|r| {
+                                    r.term == g.term
+                                        && r.role != pb::RaftRole::Candidate as i32
+                                })
                     });
                 if up == alive.len() && groups_ok {
                     return Ok(s);

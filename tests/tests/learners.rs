@@ -52,7 +52,7 @@ async fn a_learner_serves_local_reads_and_never_votes() {
     );
     for g in &status.groups {
         let learner = g.replicas.iter().find(|r| r.node_id == LEARNER).unwrap();
-        assert_eq!(learner.role, "learner");
+        assert_eq!(learner.role, pb::RaftRole::Learner as i32);
         assert!(!learner.voters.contains(&LEARNER), "{g:?}");
         assert!(learner.learners.contains(&LEARNER), "{g:?}");
         assert_ne!(g.leader_id, LEARNER);
@@ -165,7 +165,7 @@ async fn a_learner_serves_local_reads_and_never_votes() {
     for g in &st.groups {
         for r in &g.replicas {
             if r.node_id == LEARNER {
-                assert_eq!(r.role, "learner", "{g:?}");
+                assert_eq!(r.role, pb::RaftRole::Learner as i32, "{g:?}");
             }
         }
         assert!(g.leader_id != LEARNER, "{g:?}");
@@ -262,7 +262,7 @@ async fn a_held_back_learner_keeps_read_your_writes_and_ack_all_waits_for_it() {
         .find(|g| g.group_id == client.group_for_key(b"acked").unwrap())
         .unwrap();
     let held = g.replicas.iter().find(|r| r.node_id == LEARNER).unwrap();
-    assert_eq!(held.role, "unreachable");
+    assert_eq!(held.role, pb::RaftRole::Unreachable as i32);
     assert!(held.lag >= 20, "lag of the held-back learner: {g:?}");
     cluster.resume(LEARNER);
     cluster

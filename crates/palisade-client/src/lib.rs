@@ -1,23 +1,30 @@
 //! Rust client for palisade.
 //!
-//! [`Client`] connects to a list of endpoints, learns the cluster's shard map
-//! and node addresses from `ClusterStatus`, and sends each request straight
-//! to the leader of the group that owns its key when it knows it (any node
-//! accepts any request and forwards it, so a wrong guess costs one hop).
+//! [`Client`] connects to a list of endpoints, caches the cluster map
+//! (`GetClusterMap`: which group owns each hash slot, the groups' epochs,
+//! where their replicas are, node addresses), and sends each request
+//! straight to the leader of the group that owns its key when it knows it
+//! (any node accepts any request and forwards it, so a wrong guess costs one
+//! hop). Every request names the group and map epoch it was routed with
+//! (`x-palisade-route`); a server whose group no longer serves the key
+//! answers `WrongGroup`, and the client refreshes its map — only ever to a
+//! newer epoch — and retries.
 //!
 //! # Retries
 //!
-//! - `UNAVAILABLE` with a leader hint: nothing was applied; retry at the
-//!   hinted leader at once.
-//! - `UNAVAILABLE` without a hint, transport errors, timeouts: retry with
-//!   exponential backoff and full jitter, rotating endpoints, until the
-//!   request deadline.
-//! - Writes carry a [`RequestId`](pb::RequestId) (a random client id and a
-//!   sequence number) and the server applies each id at most once, so a
-//!   write retried after an ambiguous failure cannot apply twice. If the
-//!   deadline passes after such a failure, the write fails with
-//!   [`Error::UnknownOutcome`]: it may or may not have applied.
-//! - Any other status (e.g. `INVALID_ARGUMENT`) is returned at once.
+//! One function decides what to do after a failed attempt:
+//! [`retry::decide`] (its table is in that module). In short: leader hints
+//! are followed at once, stale routes refresh the map, moving slots and
+//! elections are waited out with exponential backoff and full jitter, and
+//! writes carry a [`RequestId`](pb::RequestId) (a random client id and a
+//! sequence number) that the server applies at most once, so a write
+//! retried after an ambiguous failure cannot apply twice. If the deadline
+//! passes after such a failure, the write fails with
+//! [`Error::UnknownOutcome`]: it may or may not have applied. Definite
+//! refusals (`INVALID_ARGUMENT`, a stale fence, a held lock…) return at
+//! once.
+
+pub mod retry;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -30,7 +37,7 @@ use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::kv_client::KvClient;
 use palisade_proto::v1::lease_client::LeaseClient;
 use palisade_proto::v1::lock_client::LockClient;
-use palisade_shard::ShardMap;
+use palisade_shard::{LeaseHome, lease_home, slot_of};
 use prost::Message;
 use rand::Rng;
 use tokio::time::Instant;
@@ -59,6 +66,10 @@ pub enum Error {
     /// retried: the write happened.
     #[error("committed at revision {revision} but not yet applied on nodes {lagging:?}")]
     NotEverywhere { revision: u64, lagging: Vec<u64> },
+    /// A lock stayed held by another lease for the whole wait; nothing was
+    /// applied.
+    #[error("lock is held with lease {lease} (token {token})")]
+    LockHeld { lease: u64, token: u64 },
     /// Any other status from the server (e.g. `OUT_OF_RANGE` for a read at a
     /// compacted revision; see [`compacted_detail`]).
     #[error("{:?}: {}", .0.code(), .0.message())]
@@ -74,6 +85,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Unavailable(_) => Code::Unavailable,
             Error::UnknownOutcome(_) | Error::NotEverywhere { .. } => Code::DeadlineExceeded,
+            Error::LockHeld { .. } => Code::FailedPrecondition,
             Error::Status(s) => s.code(),
             Error::Endpoint(_) => Code::InvalidArgument,
         }
@@ -174,9 +186,10 @@ pub fn stale_fence_detail(err: &Error) -> Option<pb::StaleFence> {
     }
 }
 
-/// The group a lease lives in (see `lock.proto`).
-pub fn lease_group(id: u64) -> u64 {
-    id >> 48
+/// Where a lease lives: with a hash slot (leases of this version), or in
+/// a group (leases granted before the cluster map).
+pub fn lease_location(id: u64) -> Option<LeaseHome> {
+    lease_home(id)
 }
 
 /// The `Compacted` detail of an `OUT_OF_RANGE` error: the revision asked
@@ -305,6 +318,65 @@ enum Kind {
     Write,
 }
 
+/// What a request is routed by.
+#[derive(Debug, Clone)]
+enum Route {
+    /// The group owning `key`; to its leader when `leader`.
+    Key { key: Vec<u8>, leader: bool },
+    /// A lease's group (its leader).
+    Lease(u64),
+    /// Any node.
+    Any,
+}
+
+/// The client's copy of the cluster map: enough to route.
+#[derive(Debug, Default)]
+struct RouteTable {
+    epoch: u64,
+    /// slot → group.
+    route: Vec<u64>,
+    /// group → (epoch, nodes of its voters).
+    groups: BTreeMap<u64, (u64, Vec<u64>)>,
+}
+
+impl RouteTable {
+    fn from_proto(map: &pb::ClusterMap) -> Self {
+        let mut route = vec![0; palisade_shard::SLOTS as usize];
+        for run in &map.route {
+            for s in run.first..run.first.saturating_add(run.count) {
+                if let Some(g) = route.get_mut(s as usize) {
+                    *g = run.group_id;
+                }
+            }
+        }
+        let groups = map
+            .groups
+            .iter()
+            .map(|g| {
+                let voters = g
+                    .replicas
+                    .iter()
+                    .filter(|r| r.role == pb::ReplicaRole::Voter as i32)
+                    .map(|r| r.node_id)
+                    .collect();
+                (g.id, (g.epoch, voters))
+            })
+            .collect();
+        Self {
+            epoch: map.epoch,
+            route,
+            groups,
+        }
+    }
+
+    fn group_for_key(&self, key: &[u8]) -> Option<u64> {
+        self.route
+            .get(slot_of(key) as usize)
+            .copied()
+            .filter(|g| *g != 0)
+    }
+}
+
 /// A palisade client. Cheap to clone; clones share connections and caches.
 #[derive(Clone)]
 pub struct Client {
@@ -316,9 +388,9 @@ struct Inner {
     channels: Mutex<BTreeMap<String, Channel>>,
     /// Group → address of its last known leader.
     leaders: Mutex<BTreeMap<u64, String>>,
-    /// Node id → address, from cluster status.
+    /// Node id → address, from the cluster map.
     nodes: Mutex<BTreeMap<u64, String>>,
-    shard: Mutex<Option<ShardMap>>,
+    map: Mutex<RouteTable>,
     client_id: u64,
     next_seq: AtomicU64,
     /// Seqs of writes not yet completed; the lowest is reported to servers so
@@ -363,7 +435,7 @@ impl Client {
                 channels: Mutex::default(),
                 leaders: Mutex::default(),
                 nodes: Mutex::default(),
-                shard: Mutex::default(),
+                map: Mutex::default(),
                 client_id: rand::thread_rng().gen_range(1..u64::MAX),
                 next_seq: AtomicU64::new(1),
                 inflight: Mutex::default(),
@@ -371,8 +443,85 @@ impl Client {
                 session: Mutex::default(),
             }),
         };
-        client.cluster_status().await?;
+        client.refresh_map(0).await?;
         Ok(client)
+    }
+
+    /// Fetches the cluster map from the first endpoint (or known node) that
+    /// has one at least `min_epoch` new, and adopts it if it is newer than
+    /// the one cached (a map never goes backwards).
+    pub async fn refresh_map(&self, min_epoch: u64) -> Result<u64, Error> {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let addr = self.next_endpoint();
+            let mut request = Request::new(pb::GetClusterMapRequest { min_epoch });
+            request.set_timeout(config.attempt_timeout);
+            let mut admin = AdminClient::new(self.channel(&addr)?);
+            let last = match tokio::time::timeout(
+                config.attempt_timeout,
+                admin.get_cluster_map(request),
+            )
+            .await
+            {
+                Ok(Ok(resp)) => {
+                    let resp = resp.into_inner();
+                    if let Some(map) = resp.map {
+                        let epoch = self.adopt_map(&map);
+                        let nodes = Self::guard(&self.inner.nodes).clone();
+                        let mut leaders = Self::guard(&self.inner.leaders);
+                        for l in resp.leaders {
+                            if let Some(a) = nodes.get(&l.node_id) {
+                                leaders.entry(l.group_id).or_insert_with(|| a.clone());
+                            }
+                        }
+                        if epoch >= min_epoch {
+                            return Ok(epoch);
+                        }
+                    }
+                    format!("{addr}: map older than epoch {min_epoch}")
+                }
+                Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                    return Err(Error::Status(s));
+                }
+                Ok(Err(s)) => {
+                    self.drop_channel(&addr);
+                    format!("{addr}: {}: {}", s.code(), s.message())
+                }
+                Err(_) => {
+                    self.drop_channel(&addr);
+                    format!("{addr}: no reply")
+                }
+            };
+            let pause = self.backoff(attempt);
+            attempt += 1;
+            if Instant::now() + pause >= deadline {
+                return Err(Error::Unavailable(last));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Caches `map` if it is newer than the cached one; returns the cached
+    /// epoch.
+    fn adopt_map(&self, map: &pb::ClusterMap) -> u64 {
+        let mut table = Self::guard(&self.inner.map);
+        if map.epoch > table.epoch {
+            *table = RouteTable::from_proto(map);
+            *Self::guard(&self.inner.nodes) = map
+                .nodes
+                .iter()
+                .filter(|n| n.state != pb::NodeState::Removed as i32)
+                .map(|n| (n.id, n.addr.clone()))
+                .collect();
+        }
+        table.epoch
+    }
+
+    /// The epoch of the cached cluster map.
+    pub fn map_epoch(&self) -> u64 {
+        Self::guard(&self.inner.map).epoch
     }
 
     fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -403,15 +552,41 @@ impl Client {
         eps[i % eps.len()].clone()
     }
 
-    fn target(&self, group: Option<u64>) -> String {
-        group
-            .and_then(|g| Self::guard(&self.inner.leaders).get(&g).cloned())
-            .unwrap_or_else(|| self.next_endpoint())
+    /// The group a request goes to (with its epoch), and the address to
+    /// send it to: the group's known leader, else one of its voters, else
+    /// any endpoint.
+    fn target(&self, route: &Route, attempt: u32) -> (Option<(u64, u64)>, String) {
+        let table = Self::guard(&self.inner.map);
+        let (group, leader) = match route {
+            Route::Key { key, leader } => (table.group_for_key(key), *leader),
+            Route::Lease(id) => (
+                match lease_home(*id) {
+                    Some(LeaseHome::Slot(s)) => table.route.get(s as usize).copied(),
+                    Some(LeaseHome::LegacyGroup(g)) => Some(g),
+                    None => None,
+                },
+                true,
+            ),
+            Route::Any => (None, false),
+        };
+        let hint = group.map(|g| (g, table.groups.get(&g).map_or(0, |(e, _)| *e)));
+        let addr = if leader && let Some(g) = group {
+            let known = Self::guard(&self.inner.leaders).get(&g).cloned();
+            known.or_else(|| {
+                let voters = &table.groups.get(&g)?.1;
+                let node = voters.get(attempt as usize % voters.len().max(1))?;
+                Self::guard(&self.inner.nodes).get(node).cloned()
+            })
+        } else {
+            None
+        };
+        drop(table);
+        (hint, addr.unwrap_or_else(|| self.next_endpoint()))
     }
 
-    /// The data group that owns `key`, if the shard map is known.
+    /// The data group that owns `key`, by the cached map.
     pub fn group_for_key(&self, key: &[u8]) -> Option<u64> {
-        Self::guard(&self.inner.shard).map(|s| s.group_for_key(key))
+        Self::guard(&self.inner.map).group_for_key(key)
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -423,10 +598,15 @@ impl Client {
         Duration::from_micros(rand::thread_rng().gen_range(0..=cap.as_micros() as u64))
     }
 
-    fn remember_leader(&self, group: u64, header: Option<&pb::ResponseHeader>) {
+    /// Remembers the node that answered a leader-only request as its
+    /// group's leader.
+    fn remember_leader(&self, header: Option<&pb::ResponseHeader>) {
         let Some(h) = header else { return };
+        if h.group_id == 0 {
+            return;
+        }
         if let Some(addr) = Self::guard(&self.inner.nodes).get(&h.node_id).cloned() {
-            Self::guard(&self.inner.leaders).insert(group, addr);
+            Self::guard(&self.inner.leaders).insert(h.group_id, addr);
         }
     }
 
@@ -483,7 +663,7 @@ impl Client {
     /// Runs one Kv request with routing and retries.
     async fn call<Req, Resp, F, Fut>(
         &self,
-        group: Option<u64>,
+        route: Route,
         kind: Kind,
         req: Req,
         send: F,
@@ -493,16 +673,17 @@ impl Client {
         F: Fn(KvClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        self.call_on(group, kind, req, |ch, r| {
+        self.call_on(route, kind, req, |ch, r| {
             send(KvClient::new(ch).max_decoding_message_size(usize::MAX), r)
         })
         .await
     }
 
-    /// Runs one request of any service with routing and retries.
+    /// Runs one request of any service with routing and retries (see
+    /// [`retry::decide`]).
     async fn call_on<Req, Resp, F, Fut>(
         &self,
-        group: Option<u64>,
+        route: Route,
         kind: Kind,
         req: Req,
         send: F,
@@ -516,82 +697,66 @@ impl Client {
         let deadline = Instant::now() + config.request_timeout;
         let mut maybe_applied = false;
         let mut attempt = 0u32;
+        let mut redirect: Option<String> = None;
         loop {
-            let addr = self.target(group);
+            let (hint, routed) = self.target(&route, attempt);
+            let addr = redirect.take().unwrap_or(routed);
             let mut request = Request::new(req.clone());
             request.set_timeout(config.attempt_timeout);
+            if let Some((g, epoch)) = hint
+                && let Ok(v) = format!("{g}:{epoch}").parse()
+            {
+                request.metadata_mut().insert("x-palisade-route", v);
+            }
             let outcome =
                 tokio::time::timeout(config.attempt_timeout, send(self.channel(&addr)?, request))
                     .await;
-            let mut hinted = false;
-            let last_error;
-            match outcome {
+            let status = match outcome {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                Ok(Err(status)) => {
-                    let detail = pb::ErrorDetail::decode(status.details())
-                        .ok()
-                        .and_then(|d| d.kind);
-                    match (status.code(), detail) {
-                        (Code::Unavailable, Some(pb::error_detail::Kind::NotLeader(nl))) => {
-                            let mut leaders = Self::guard(&self.inner.leaders);
-                            if !nl.leader_addr.is_empty() && nl.leader_addr != addr {
-                                leaders.insert(nl.group_id, nl.leader_addr.clone());
-                                hinted = true;
-                            } else {
-                                leaders.remove(&nl.group_id);
-                            }
-                        }
-                        (
-                            Code::DeadlineExceeded,
-                            Some(pb::error_detail::Kind::UnknownOutcome(_)),
-                        ) => {
-                            maybe_applied = true;
-                        }
-                        (
-                            Code::DeadlineExceeded,
-                            Some(pb::error_detail::Kind::NotEverywhere(n)),
-                        ) => {
-                            return Err(Error::NotEverywhere {
-                                revision: n.revision,
-                                lagging: n.lagging_node_ids,
-                            });
-                        }
-                        (
-                            Code::Unavailable
-                            | Code::Unknown
-                            | Code::Cancelled
-                            | Code::DeadlineExceeded,
-                            _,
-                        ) => {
-                            // Transport trouble: the request may have reached
-                            // the server before the failure.
-                            maybe_applied = true;
-                            self.drop_channel(&addr);
-                            if let Some(g) = group {
-                                Self::guard(&self.inner.leaders).remove(&g);
-                            }
-                        }
-                        (Code::InvalidArgument, _) => {
-                            return Err(Error::InvalidArgument(status.message().to_string()));
-                        }
-                        _ => return Err(Error::Status(status)),
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded(format!(
+                    "no reply within {:?}",
+                    config.attempt_timeout
+                )),
+            };
+            let last_error = format!("{addr}: {:?}: {}", status.code(), status.message());
+            let mut pause = None;
+            match retry::decide(&status, &addr) {
+                retry::Decision::GiveUp => return Err(error_from(status)),
+                retry::Decision::RetryAt { group, addr: to } => {
+                    Self::guard(&self.inner.leaders).insert(group, to.clone());
+                    if attempt == 0 {
+                        pause = Some(Duration::ZERO);
                     }
-                    last_error = format!("{addr}: {}: {}", status.code(), status.message());
+                    redirect = Some(to);
                 }
-                Err(_) => {
-                    maybe_applied = true;
-                    self.drop_channel(&addr);
-                    if let Some(g) = group {
+                retry::Decision::RefreshMap { min_epoch } => {
+                    if let Some((g, _)) = hint {
                         Self::guard(&self.inner.leaders).remove(&g);
                     }
-                    last_error = format!("{addr}: no reply within {:?}", config.attempt_timeout);
+                    let want = min_epoch.max(self.map_epoch() + 1);
+                    if let Err(e) = self.refresh_map(want).await {
+                        tracing::debug!(error = %e, "refreshing the cluster map failed");
+                    }
+                    pause = Some(Duration::ZERO);
+                }
+                retry::Decision::RetryLater {
+                    maybe_applied: applied,
+                    forget_leader,
+                    reconnect,
+                    after,
+                } => {
+                    maybe_applied |= applied;
+                    if reconnect {
+                        self.drop_channel(&addr);
+                    }
+                    if forget_leader && let Some((g, _)) = hint {
+                        Self::guard(&self.inner.leaders).remove(&g);
+                    }
+                    pause = after;
                 }
             }
-            let pause = if hinted && attempt == 0 {
-                Duration::ZERO
-            } else {
-                self.backoff(attempt)
-            };
+            let pause = pause.unwrap_or_else(|| self.backoff(attempt));
             attempt += 1;
             if Instant::now() + pause >= deadline {
                 return Err(if kind == Kind::Write && maybe_applied {
@@ -640,10 +805,13 @@ impl Client {
     pub async fn put_request(&self, mut req: pb::PutRequest) -> Result<pb::PutResponse, Error> {
         let id = self.begin_write();
         req.request_id = Some(id);
-        let group = self.group_for_key(&req.key);
+        let route = Route::Key {
+            key: req.key.clone(),
+            leader: true,
+        };
         let res = self
             .call(
-                group,
+                route,
                 Kind::Write,
                 req,
                 |mut c, r| async move { c.put(r).await },
@@ -652,9 +820,10 @@ impl Client {
         self.end_write(&id);
         if let Ok(r) = &res {
             self.observe(r.header.as_ref());
-            if let Some(g) = group {
-                self.remember_leader(g, r.header.as_ref());
+            if let Some(t) = &r.session {
+                self.merge_session(t);
             }
+            self.remember_leader(r.header.as_ref());
         }
         res
     }
@@ -680,8 +849,10 @@ impl Client {
             min_revision: opts.min_revision,
             at_revision: opts.at_revision,
         };
-        let group = self.group_for_key(&req.key);
-        let route = if opts.needs_leader() { group } else { None };
+        let route = Route::Key {
+            key: req.key.clone(),
+            leader: opts.needs_leader(),
+        };
         let res = self
             .call(
                 route,
@@ -693,8 +864,8 @@ impl Client {
         if let Ok(r) = &res {
             // Monotonic reads: later SESSION reads never go below this.
             self.observe(r.header.as_ref());
-            if let (Some(g), true) = (group, opts.needs_leader()) {
-                self.remember_leader(g, r.header.as_ref());
+            if opts.needs_leader() {
+                self.remember_leader(r.header.as_ref());
             }
         }
         res
@@ -715,8 +886,10 @@ impl Client {
                 .then(|| self.session_token()),
             min_revision: opts.min_revision,
         };
-        let group = self.group_for_key(&req.key);
-        let route = if opts.needs_leader() { group } else { None };
+        let route = Route::Key {
+            key: req.key.clone(),
+            leader: opts.needs_leader(),
+        };
         let res = self
             .call(route, Kind::Read, req, |mut c, r| async move {
                 c.history(r).await
@@ -744,15 +917,21 @@ impl Client {
     ) -> Result<pb::DeleteResponse, Error> {
         let id = self.begin_write();
         req.request_id = Some(id);
-        let group = self.group_for_key(&req.key);
+        let route = Route::Key {
+            key: req.key.clone(),
+            leader: true,
+        };
         let res = self
-            .call(group, Kind::Write, req, |mut c, r| async move {
+            .call(route, Kind::Write, req, |mut c, r| async move {
                 c.delete(r).await
             })
             .await;
         self.end_write(&id);
         if let Ok(r) = &res {
             self.observe(r.header.as_ref());
+            if let Some(t) = &r.session {
+                self.merge_session(t);
+            }
         }
         res
     }
@@ -765,7 +944,7 @@ impl Client {
         }
         let res = self
             .call(
-                None,
+                Route::Any,
                 Kind::Read,
                 req,
                 |mut c, r| async move { c.scan(r).await },
@@ -803,10 +982,13 @@ impl Client {
             .first()
             .map(|c| c.key.clone())
             .or_else(|| req.success.iter().chain(&req.failure).find_map(op_key));
-        let group = key.and_then(|k| self.group_for_key(&k));
+        let route = match key {
+            Some(key) => Route::Key { key, leader: true },
+            None => Route::Any,
+        };
         let res = self
             .call(
-                group,
+                route,
                 Kind::Write,
                 req,
                 |mut c, r| async move { c.txn(r).await },
@@ -815,6 +997,9 @@ impl Client {
         self.end_write(&id);
         if let Ok(r) = &res {
             self.observe(r.header.as_ref());
+            if let Some(t) = &r.session {
+                self.merge_session(t);
+            }
         }
         res
     }
@@ -863,20 +1048,20 @@ impl Client {
         Ok((resp.succeeded, resp))
     }
 
-    /// Creates a lease of `ttl` in the group of `key` (locks held with it and
-    /// keys attached to it must be in that group); returns its id.
+    /// Creates a lease of `ttl` living with the hash slot of `key` (locks
+    /// held with it and keys attached to it must be in that slot: use a
+    /// hash tag); returns its id.
     pub async fn lease_grant(&self, ttl: Duration, key: &[u8]) -> Result<u64, Error> {
         let req = pb::LeaseGrantRequest {
             ttl_ms: ttl.as_millis() as u64,
             key: key.to_vec(),
         };
-        let group = if key.is_empty() {
-            Some(1)
-        } else {
-            self.group_for_key(key)
+        let route = Route::Key {
+            key: key.to_vec(),
+            leader: true,
         };
         let r = self
-            .call_on(group, Kind::Write, req, |ch, r| async move {
+            .call_on(route, Kind::Write, req, |ch, r| async move {
                 LeaseClient::new(ch).lease_grant(r).await
             })
             .await?;
@@ -887,7 +1072,7 @@ impl Client {
     pub async fn lease_keep_alive(&self, id: u64) -> Result<Duration, Error> {
         let r = self
             .call_on(
-                Some(lease_group(id)),
+                Route::Lease(id),
                 Kind::Read,
                 pb::LeaseKeepAliveRequest { lease_id: id },
                 |ch, r| async move { LeaseClient::new(ch).lease_keep_alive(r).await },
@@ -899,7 +1084,7 @@ impl Client {
     /// Ends lease `id` now: its keys are deleted, its locks released.
     pub async fn lease_revoke(&self, id: u64) -> Result<(), Error> {
         self.call_on(
-            Some(lease_group(id)),
+            Route::Lease(id),
             Kind::Write,
             pb::LeaseRevokeRequest { lease_id: id },
             |ch, r| async move { LeaseClient::new(ch).lease_revoke(r).await },
@@ -911,7 +1096,7 @@ impl Client {
     /// Lease `id`'s TTL, time left, keys and locks.
     pub async fn lease_time_to_live(&self, id: u64) -> Result<pb::LeaseTimeToLiveResponse, Error> {
         self.call_on(
-            Some(lease_group(id)),
+            Route::Lease(id),
             Kind::Read,
             pb::LeaseTimeToLiveRequest { lease_id: id },
             |ch, r| async move { LeaseClient::new(ch).lease_time_to_live(r).await },
@@ -934,7 +1119,10 @@ impl Client {
         };
         let r = self
             .call_on(
-                self.group_for_key(&name),
+                Route::Key {
+                    key: name.clone(),
+                    leader: true,
+                },
                 Kind::Write,
                 req,
                 |ch, r| async move { LockClient::new(ch).lock(r).await },
@@ -955,7 +1143,10 @@ impl Client {
             token: token.token,
         };
         self.call_on(
-            self.group_for_key(&token.lock),
+            Route::Key {
+                key: token.lock.clone(),
+                leader: true,
+            },
             Kind::Write,
             req,
             |ch, r| async move { LockClient::new(ch).unlock(r).await },
@@ -972,7 +1163,10 @@ impl Client {
         };
         let r = self
             .call_on(
-                self.group_for_key(&token.lock),
+                Route::Key {
+                    key: token.lock.clone(),
+                    leader: true,
+                },
                 Kind::Read,
                 req,
                 |ch, r| async move { LockClient::new(ch).check_fence(r).await },
@@ -1075,6 +1269,56 @@ impl Client {
         Ok(r.compact_revision)
     }
 
+    /// Moves every replica off node `id` and then removes it from the
+    /// cluster (`dead`: the node is gone; its groups are re-replicated from
+    /// the others). Returns once the drain is recorded.
+    pub async fn drain_node(&self, id: u64, dead: bool) -> Result<pb::DrainNodeResponse, Error> {
+        self.admin(|mut a| async move {
+            a.drain_node(pb::DrainNodeRequest { node_id: id, dead })
+                .await
+        })
+        .await
+    }
+
+    /// Sets the number of data groups of the hash keyspace (slots move
+    /// online). Returns once recorded.
+    pub async fn set_groups(&self, groups: u32) -> Result<pb::SetGroupsResponse, Error> {
+        self.admin(|mut a| async move { a.set_groups(pb::SetGroupsRequest { groups }).await })
+            .await
+    }
+
+    /// Hands `group`'s leadership to its replica on node `node`.
+    pub async fn transfer_leader(
+        &self,
+        group: u64,
+        node: u64,
+    ) -> Result<pb::TransferLeaderResponse, Error> {
+        self.admin(|mut a| async move {
+            a.transfer_leader(pb::TransferLeaderRequest {
+                group_id: group,
+                node_id: node,
+            })
+            .await
+        })
+        .await
+    }
+
+    /// The cluster map as some node holds it (newer than the cached one, or
+    /// the cached one's epoch when none is).
+    pub async fn cluster_map(&self) -> Result<pb::ClusterMap, Error> {
+        let r = self
+            .admin(|mut a| async move {
+                a.get_cluster_map(pb::GetClusterMapRequest { min_epoch: 0 })
+                    .await
+            })
+            .await?;
+        let map = r
+            .map
+            .ok_or_else(|| Error::Unavailable("the node sent no map".into()))?;
+        self.adopt_map(&map);
+        Ok(map)
+    }
+
     /// Adds node `id` at `addr` as a learner of `groups` (empty: all).
     pub async fn add_learner(
         &self,
@@ -1096,7 +1340,7 @@ impl Client {
     }
 
     /// Cluster status from the first endpoint that answers; refreshes the
-    /// client's shard map and node addresses.
+    /// client's map when the answer's is newer.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
         let config = &self.inner.config;
         let deadline = Instant::now() + config.request_timeout;
@@ -1112,13 +1356,9 @@ impl Client {
                 {
                     Ok(Ok(resp)) => {
                         let status = resp.into_inner();
-                        *Self::guard(&self.inner.shard) =
-                            ShardMap::new(u64::from(status.data_groups));
-                        *Self::guard(&self.inner.nodes) = status
-                            .nodes
-                            .iter()
-                            .map(|n| (n.id, n.addr.clone()))
-                            .collect();
+                        if let Some(map) = &status.map {
+                            self.adopt_map(map);
+                        }
                         return Ok(status);
                     }
                     Ok(Err(s)) => {
@@ -1137,6 +1377,23 @@ impl Client {
             }
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+/// The client error a status the client gives up on stands for.
+fn error_from(status: Status) -> Error {
+    use pb::error_detail::Kind as D;
+    match (status.code(), retry::detail(&status)) {
+        (Code::InvalidArgument, _) => Error::InvalidArgument(status.message().to_string()),
+        (_, Some(D::NotEverywhere(n))) => Error::NotEverywhere {
+            revision: n.revision,
+            lagging: n.lagging_node_ids,
+        },
+        (Code::FailedPrecondition, Some(D::LockHeld(h))) => Error::LockHeld {
+            lease: h.lease_id,
+            token: h.token,
+        },
+        _ => Error::Status(status),
     }
 }
 

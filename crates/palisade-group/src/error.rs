@@ -1,7 +1,18 @@
 //! Errors of a Raft group, shaped by what the caller does with them.
 
+use std::sync::Arc;
+
 use palisade_storage::StoreError;
 use thiserror::Error;
+
+/// A task or channel that went away (its reason, as a source).
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct Gone(pub &'static str);
+
+/// An openraft error kept as the source of ours (shared: one failed round
+/// can answer many waiters).
+pub type RaftSource = Arc<dyn std::error::Error + Send + Sync>;
 
 use crate::types::{GroupId, NodeId, Rejection};
 
@@ -35,10 +46,23 @@ pub enum GroupError {
     #[error("{}", describe(.0))]
     Rejected(Rejection),
     /// The group's Raft instance stopped on this node (e.g. a storage error).
-    #[error("group {group} stopped on this node: {reason}")]
-    Stopped { group: GroupId, reason: String },
-    #[error("group {group}: {message}")]
-    Raft { group: GroupId, message: String },
+    #[error("group {group} stopped on this node: {source}")]
+    Stopped {
+        group: GroupId,
+        #[source]
+        source: RaftSource,
+    },
+    /// openraft refused or failed `what`.
+    #[error("group {group}: {what}: {source}")]
+    Raft {
+        group: GroupId,
+        what: &'static str,
+        #[source]
+        source: RaftSource,
+    },
+    /// A membership change could not be carried out as asked.
+    #[error("group {group}: {reason}")]
+    Membership { group: GroupId, reason: String },
     #[error(transparent)]
     Storage(#[from] StoreError),
 }
@@ -61,6 +85,19 @@ fn describe(r: &Rejection) -> String {
         Rejection::NotLockHolder { current } => {
             format!("unlock refused: the lock's current token is {current}")
         }
+        Rejection::NotOwned {
+            slot,
+            moved_to: Some(g),
+        } => format!("slot {slot} is not served by this group (it moved to group {g})"),
+        Rejection::NotOwned {
+            slot,
+            moved_to: None,
+        } => format!("slot {slot} is not served by this group"),
+        Rejection::Frozen { slot } => {
+            format!("slot {slot} is moving to another group; retry in a moment")
+        }
+        Rejection::Map(e) => format!("cluster map change refused: {e}"),
+        Rejection::BadSlots(why) => why.clone(),
     }
 }
 
@@ -72,8 +109,9 @@ pub(crate) enum SharedError {
     NotLeader(Option<(NodeId, Option<String>)>),
     NoQuorum(String),
     UnknownOutcome,
-    Stopped(String),
-    Raft(String),
+    Stopped(RaftSource),
+    Raft(&'static str, RaftSource),
+    Other(Arc<str>),
 }
 
 impl SharedError {
@@ -82,8 +120,9 @@ impl SharedError {
             GroupError::NotLeader { leader, .. } => SharedError::NotLeader(leader.clone()),
             GroupError::NoQuorum { reason, .. } => SharedError::NoQuorum(reason.clone()),
             GroupError::UnknownOutcome { .. } => SharedError::UnknownOutcome,
-            GroupError::Stopped { reason, .. } => SharedError::Stopped(reason.clone()),
-            other => SharedError::Raft(other.to_string()),
+            GroupError::Stopped { source, .. } => SharedError::Stopped(source.clone()),
+            GroupError::Raft { what, source, .. } => SharedError::Raft(what, source.clone()),
+            other => SharedError::Other(other.to_string().into()),
         }
     }
 
@@ -92,8 +131,16 @@ impl SharedError {
             SharedError::NotLeader(leader) => GroupError::NotLeader { group, leader },
             SharedError::NoQuorum(reason) => GroupError::NoQuorum { group, reason },
             SharedError::UnknownOutcome => GroupError::UnknownOutcome { group },
-            SharedError::Stopped(reason) => GroupError::Stopped { group, reason },
-            SharedError::Raft(message) => GroupError::Raft { group, message },
+            SharedError::Stopped(source) => GroupError::Stopped { group, source },
+            SharedError::Raft(what, source) => GroupError::Raft {
+                group,
+                what,
+                source,
+            },
+            SharedError::Other(message) => GroupError::Membership {
+                group,
+                reason: message.to_string(),
+            },
         }
     }
 }

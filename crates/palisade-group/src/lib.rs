@@ -1,10 +1,17 @@
 //! One Raft group of a palisade node: openraft glue, the replicated state
 //! machine and the peer network.
 //!
-//! A node hosts many groups (multi-Raft). Each [`RaftGroup`] owns an
-//! `openraft::Raft` whose log and state live in the node's shared sled
-//! database (see `palisade-storage`), and whose messages travel over the
-//! node's shared peer channels tagged with the group id.
+//! A node hosts many groups (multi-Raft). Each [`RaftGroup`] is one replica:
+//! it owns an `openraft::Raft` whose member id is the replica's id (unique
+//! in the cluster, see `palisade_shard::map`), whose log and state live in
+//! the node's shared storage (see `palisade-storage`), and whose messages
+//! travel over the node's shared peer channels tagged with the group and the
+//! target replica.
+//!
+//! Membership changes ([`RaftGroup::add_learner`],
+//! [`RaftGroup::change_voters`]) and leader hand-over
+//! ([`RaftGroup::begin_handover`]) are the primitives the server's
+//! coordinator builds replica moves and leader balancing from.
 //!
 //! Reads go through [`RaftGroup::read_index`] (openraft's ReadIndex: the
 //! leader confirms with a quorum that it still leads, then waits until it has
@@ -16,6 +23,7 @@ pub mod error;
 pub mod network;
 mod read_batch;
 pub mod runtime;
+mod slots;
 pub mod state_machine;
 pub mod types;
 mod write_batch;
@@ -27,25 +35,73 @@ use std::time::Duration;
 
 use error::SharedError;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ServerState};
+use openraft::{BasicNode, ChangeMembers, ServerState};
 use palisade_storage::{NodeStore, StateTree};
 use read_batch::ReadBatcher;
 use write_batch::WriteBatcher;
 
 pub use error::GroupError;
 pub use network::{Connector, PeerChannels, PeerNetwork, TcpConnector};
-pub use state_machine::StateMachine;
+pub use state_machine::{MapState, StateMachine};
 pub use types::*;
 
 /// The result of an openraft leadership check (ReadIndex).
 type LeadershipCheck<T> = Result<T, RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>>;
 
+/// The Raft role of a replica right now, as it sees itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RaftRole {
+    Leader,
+    #[default]
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl RaftRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            RaftRole::Leader => "leader",
+            RaftRole::Follower => "follower",
+            RaftRole::Candidate => "candidate",
+            RaftRole::Learner => "learner",
+            RaftRole::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl From<ServerState> for RaftRole {
+    fn from(s: ServerState) -> Self {
+        match s {
+            ServerState::Leader => RaftRole::Leader,
+            ServerState::Follower => RaftRole::Follower,
+            ServerState::Candidate => RaftRole::Candidate,
+            ServerState::Learner => RaftRole::Learner,
+            ServerState::Shutdown => RaftRole::Shutdown,
+        }
+    }
+}
+
+/// A group's membership as one replica sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MembershipView {
+    pub voters: BTreeSet<ReplicaId>,
+    pub learners: BTreeSet<ReplicaId>,
+    /// In a joint configuration (a change half done).
+    pub joint: bool,
+    /// The effective membership is committed (no change in flight).
+    pub committed: bool,
+}
+
 /// A replica's view of its group, for status reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicaState {
     pub group: GroupId,
+    /// This replica's Raft member id.
+    pub replica: ReplicaId,
     pub node: NodeId,
-    pub role: &'static str,
+    pub role: RaftRole,
     pub term: u64,
     pub leader: Option<NodeId>,
     pub last_log_index: u64,
@@ -63,7 +119,13 @@ pub struct ReplicaState {
     /// Superseded versions and tombstones kept for MVCC reads.
     pub history_records: u64,
     /// On a leader: the highest index replicated to each other member.
-    pub matched: Vec<(NodeId, u64)>,
+    pub matched: Vec<(ReplicaId, u64)>,
+    /// The group's revision on this replica (applied index + offset).
+    pub revision: u64,
+    /// The slots this replica's state serves (`None`: every key, a group
+    /// written before the cluster map).
+    pub owned_slots: Option<usize>,
+    pub slot_epoch: u64,
 }
 
 /// A leader lease: while it holds, no other node can lead the group.
@@ -80,8 +142,14 @@ struct LeaderLease {
 /// One Raft group hosted on this node.
 pub struct RaftGroup {
     id: GroupId,
+    /// This replica's Raft member id.
+    replica: ReplicaId,
+    /// The node hosting it.
     node: NodeId,
     raft: Raft,
+    /// While leadership is being handed to this replica (of the group),
+    /// proposals are refused so the followers' leader lease can lapse.
+    handover: std::sync::Mutex<Option<ReplicaId>>,
     state: StateTree,
     installed: Arc<AtomicU64>,
     lease: std::sync::Mutex<Option<LeaderLease>>,
@@ -93,13 +161,17 @@ pub struct RaftGroup {
 }
 
 impl RaftGroup {
-    /// Opens the group's storage on `store` and starts its Raft instance.
+    /// Opens replica `replica` of group `id` on `store` (of node `node`)
+    /// and starts its Raft instance. The meta group passes where to publish
+    /// the cluster map.
     pub async fn open(
         node: NodeId,
+        replica: ReplicaId,
         id: GroupId,
         store: &NodeStore,
         config: Arc<openraft::Config>,
         channels: PeerChannels,
+        map: Option<MapState>,
     ) -> Result<Self, GroupError> {
         let log = store.log_store::<TypeConfig>(id)?;
         let state = store.state_tree(id)?;
@@ -108,19 +180,23 @@ impl RaftGroup {
             state.clone(),
             store.snapshot_store(id)?,
             store.flusher().clone(),
+            map,
         )?;
         let installed = sm.installed_counter();
-        let raft = Raft::new(node, config, PeerNetwork::new(id, channels), log, sm)
+        let raft = Raft::new(replica, config, PeerNetwork::new(id, channels), log, sm)
             .await
             .map_err(|e| GroupError::Raft {
                 group: id,
-                message: e.to_string(),
+                what: "starting Raft",
+                source: Arc::new(e),
             })?;
         let writes = WriteBatcher::start(id, raft.clone());
         Ok(Self {
             id,
+            replica,
             node,
             raft,
+            handover: std::sync::Mutex::new(None),
             state,
             installed,
             lease: std::sync::Mutex::new(None),
@@ -131,6 +207,11 @@ impl RaftGroup {
 
     pub fn id(&self) -> GroupId {
         self.id
+    }
+
+    /// This replica's Raft member id.
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica
     }
 
     pub fn raft(&self) -> &Raft {
@@ -150,9 +231,16 @@ impl RaftGroup {
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(GroupError::Raft {
                 group: self.id,
-                message: e.to_string(),
+                what: "initializing",
+                source: Arc::new(e),
             }),
         }
+    }
+
+    /// Whether this replica's Raft has ever been initialized or joined (it
+    /// has a vote or a log).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(true)
     }
 
     /// Proposes `cmd` and waits until it is committed and applied here.
@@ -163,6 +251,15 @@ impl RaftGroup {
         cmd: Command,
         timeout: Duration,
     ) -> Result<CommandResult, GroupError> {
+        if let Some(to) = *self.handover.lock().unwrap_or_else(|p| p.into_inner()) {
+            // Handing leadership over: a proposal now would renew the
+            // followers' lease and keep the new leader from being elected.
+            let addr = self.member_addrs().get(&to).cloned();
+            return Err(GroupError::NotLeader {
+                group: self.id,
+                leader: Some((to, addr)),
+            });
+        }
         match write_batch::batch_keys(&cmd) {
             Some(keys) => self.writes.write(cmd, keys, timeout).await,
             None => propose(self.id, &self.raft, cmd, timeout).await,
@@ -210,7 +307,7 @@ impl RaftGroup {
     /// Waits up to `timeout` until this replica has applied `index`; returns
     /// whether it has.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
-        if self.state.revision() >= index {
+        if self.state.applied_index() >= index {
             return true;
         }
         let waited = self
@@ -219,7 +316,27 @@ impl RaftGroup {
             .applied_index_at_least(Some(index), "read waits for apply")
             .await
             .is_ok();
-        waited || self.state.revision() >= index
+        waited || self.state.applied_index() >= index
+    }
+
+    /// Waits up to `timeout` until this replica's revision is at least
+    /// `revision`; returns whether it is.
+    ///
+    /// Revisions are log indexes plus an offset that only grows, so the
+    /// index that reaches `revision` is at most `revision − offset now`;
+    /// waiting for that index (and checking again) never waits too little.
+    pub async fn wait_revision(&self, revision: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.state.revision() >= revision {
+                return true;
+            }
+            let index = revision.saturating_sub(self.state.rev_offset());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || !self.wait_applied(index, left).await {
+                return self.state.revision() >= revision;
+            }
+        }
     }
 
     /// A LEASE read: if this node holds a valid leader lease, waits until it
@@ -310,16 +427,12 @@ impl RaftGroup {
             .unwrap_or(0);
         let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
         let learners: BTreeSet<NodeId> = m.membership_config.membership().learner_ids().collect();
+        let ownership = self.state.ownership();
         ReplicaState {
             group: self.id,
+            replica: self.replica,
             node: self.node,
-            role: match m.state {
-                ServerState::Leader => "leader",
-                ServerState::Follower => "follower",
-                ServerState::Candidate => "candidate",
-                ServerState::Learner => "learner",
-                ServerState::Shutdown => "shutdown",
-            },
+            role: m.state.into(),
             term: m.current_term,
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
@@ -337,9 +450,12 @@ impl RaftGroup {
                 .replication
                 .iter()
                 .flatten()
-                .filter(|(id, _)| **id != self.node)
+                .filter(|(id, _)| **id != self.replica)
                 .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
                 .collect(),
+            revision: self.state.revision(),
+            owned_slots: ownership.as_ref().map(|o| o.owned.len()),
+            slot_epoch: ownership.as_ref().map_or(0, |o| o.epoch),
         }
     }
 
@@ -356,23 +472,164 @@ impl RaftGroup {
         m.membership_config.membership().get_node(&node).is_some()
     }
 
-    /// Adds `node` as a non-voting learner; returns once the membership
-    /// change is committed (not when the learner has caught up).
+    /// The group's membership as this replica sees it.
+    pub async fn membership_view(&self) -> MembershipView {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let mut view = MembershipView {
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            joint: membership.get_joint_config().len() > 1,
+            committed: false,
+        };
+        view.committed = self
+            .raft
+            .with_raft_state(|st| {
+                st.membership_state.committed().log_id() == st.membership_state.effective().log_id()
+            })
+            .await
+            .unwrap_or(false);
+        view
+    }
+
+    /// On the leader: its last log index and the highest index known
+    /// replicated to each other member (`None` when not leading).
+    pub fn replication_progress(&self) -> Option<(u64, BTreeMap<ReplicaId, u64>)> {
+        let m = self.raft.metrics().borrow().clone();
+        let replication = m.replication.as_ref()?;
+        let matched = replication
+            .iter()
+            .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+            .collect();
+        Some((m.last_log_index.unwrap_or(0), matched))
+    }
+
+    /// Refuses with `NotLeader` unless this replica leads.
+    fn must_lead(&self) -> Result<(), GroupError> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(GroupError::NotLeader {
+                group: self.id,
+                leader: self.leader(),
+            })
+        }
+    }
+
+    /// Adds replica `replica` (at `addr`) as a learner and starts
+    /// replicating to it; returns once the change is committed, not when
+    /// the learner has caught up (see [`Self::replication_progress`]).
+    /// Re-adding a member is a no-op.
     pub async fn add_learner(
         &self,
-        node: NodeId,
+        replica: ReplicaId,
         addr: String,
         timeout: Duration,
     ) -> Result<(), GroupError> {
-        if self.has_member(node) && self.is_leader() {
+        self.must_lead()?;
+        if self.has_member(replica) {
             return Ok(());
         }
-        let add = self.raft.add_learner(node, BasicNode { addr }, false);
-        match tokio::time::timeout(timeout, add).await {
+        let add = self.raft.add_learner(replica, BasicNode { addr }, false);
+        self.membership_call(add, timeout).await
+    }
+
+    /// Makes `voters` the group's voters in one joint-consensus change
+    /// (openraft commits the joint configuration, then the final one);
+    /// every new voter must already be a learner. Voters not in `voters`
+    /// stay as learners when `keep_removed`, else leave the group. Returns
+    /// once the final configuration is committed; a no-op when it already
+    /// is the committed configuration.
+    pub async fn change_voters(
+        &self,
+        voters: BTreeSet<ReplicaId>,
+        keep_removed: bool,
+        timeout: Duration,
+    ) -> Result<(), GroupError> {
+        self.must_lead()?;
+        if voters.is_empty() {
+            return Err(GroupError::Membership {
+                group: self.id,
+                reason: "a group needs at least one voter".into(),
+            });
+        }
+        let view = self.membership_view().await;
+        if view.voters == voters && !view.joint && view.committed {
+            return Ok(());
+        }
+        let change = self
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), keep_removed);
+        self.membership_call(change, timeout).await
+    }
+
+    /// Removes learners `learners` from the group.
+    pub async fn remove_learners(
+        &self,
+        learners: BTreeSet<ReplicaId>,
+        timeout: Duration,
+    ) -> Result<(), GroupError> {
+        self.must_lead()?;
+        let view = self.membership_view().await;
+        let present: BTreeSet<ReplicaId> = learners.intersection(&view.learners).copied().collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        let change = self
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(present), false);
+        self.membership_call(change, timeout).await
+    }
+
+    async fn membership_call<F>(&self, call: F, timeout: Duration) -> Result<(), GroupError>
+    where
+        F: std::future::Future<
+                Output = Result<
+                    openraft::raft::ClientWriteResponse<TypeConfig>,
+                    RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+                >,
+            >,
+    {
+        match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(GroupError::UnknownOutcome { group: self.id }),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(write_error(self.id, e)),
         }
+    }
+
+    /// Starts handing leadership to replica `to`: proposals are refused
+    /// and heartbeats stop, so that no follower's leader lease is renewed
+    /// and `to` can win an election once the lease lapses (openraft 0.9 has
+    /// no leader transfer; see the server's coordinator for the rest).
+    pub fn begin_handover(&self, to: ReplicaId) -> Result<(), GroupError> {
+        self.must_lead()?;
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+        self.raft.runtime_config().heartbeat(false);
+        Ok(())
+    }
+
+    /// Ends a hand-over (done or given up): proposals and heartbeats resume.
+    pub fn end_handover(&self) {
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.raft.runtime_config().heartbeat(true);
+    }
+
+    /// Whether this replica may start elections on its own (turned off on
+    /// the other voters while leadership is handed to one of them).
+    pub fn set_elections(&self, enabled: bool) {
+        self.raft.runtime_config().elect(enabled);
+    }
+
+    /// Starts an election now (the target of a hand-over).
+    pub async fn campaign(&self) -> Result<(), GroupError> {
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| GroupError::Stopped {
+                group: self.id,
+                source: Arc::new(e),
+            })
     }
 
     /// Stops the Raft instance.
@@ -415,7 +672,7 @@ fn check_leadership<T>(
         }
         Ok(Err(RaftError::Fatal(e))) => Err(GroupError::Stopped {
             group: id,
-            reason: e.to_string(),
+            source: Arc::new(e),
         }),
     }
 }
@@ -432,11 +689,12 @@ fn write_error(
         },
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => GroupError::Raft {
             group,
-            message: e.to_string(),
+            what: "changing the membership",
+            source: Arc::new(e),
         },
         RaftError::Fatal(e) => GroupError::Stopped {
             group,
-            reason: e.to_string(),
+            source: Arc::new(e),
         },
     }
 }

@@ -59,10 +59,11 @@ impl Connector for TcpConnector {
     }
 }
 
-/// Cached channels to peers, keyed by node id. Cheap to clone.
+/// Cached channels to peers, keyed by address (every replica on a node
+/// shares the node's channel). Cheap to clone.
 #[derive(Clone)]
 pub struct PeerChannels {
-    inner: Arc<Mutex<BTreeMap<NodeId, (String, Channel)>>>,
+    inner: Arc<Mutex<BTreeMap<String, Channel>>>,
     connector: Arc<dyn Connector>,
 }
 
@@ -81,26 +82,28 @@ impl PeerChannels {
         }
     }
 
-    /// The channel to `node` at `addr`, created if missing or if the node's
-    /// address changed.
-    pub fn get(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// The channel to `addr`, created if missing.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((a, ch)) = map.get(&node)
-            && a == addr
-        {
+        if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
         let channel = self.connector.channel(addr)?;
-        map.insert(node, (addr.to_string(), channel.clone()));
+        map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
 
-    /// Forgets the channel to `node`, so the next call dials again.
-    pub fn drop_channel(&self, node: NodeId) {
+    /// The connector channels are made with.
+    pub fn connector(&self) -> &Arc<dyn Connector> {
+        &self.connector
+    }
+
+    /// Forgets the channel to `addr`, so the next call dials again.
+    pub fn drop_channel(&self, addr: &str) {
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&node);
+            .remove(addr);
     }
 }
 
@@ -173,13 +176,14 @@ impl PeerConnection {
             .map_err(|e| CallError::Network(format!("encoding request: {e}")))?;
         let channel = self
             .channels
-            .get(self.target, &self.addr)
+            .get(&self.addr)
             .map_err(|e| CallError::Unreachable(format!("bad address {}: {e}", self.addr)))?;
         let mut client = PeerClient::new(channel).max_decoding_message_size(usize::MAX);
         let deadline = option.hard_ttl();
         let mut request = tonic::Request::new(RaftMessage {
             group_id: self.group,
             payload,
+            target_replica: self.target,
         });
         request.set_timeout(deadline);
         let fut = async {
@@ -194,7 +198,7 @@ impl PeerConnection {
             Ok(Err(status)) => {
                 // Transport failures and timeouts surface as statuses too;
                 // either way, dial afresh next time.
-                self.channels.drop_channel(self.target);
+                self.channels.drop_channel(&self.addr);
                 return Err(CallError::Unreachable(format!(
                     "{}: {}",
                     status.code(),
@@ -202,7 +206,7 @@ impl PeerConnection {
                 )));
             }
             Err(_) => {
-                self.channels.drop_channel(self.target);
+                self.channels.drop_channel(&self.addr);
                 return Err(CallError::Unreachable(format!(
                     "no reply within {deadline:?}"
                 )));

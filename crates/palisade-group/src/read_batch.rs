@@ -74,7 +74,9 @@ impl ReadBatcher {
                     "read round ended without a result".into(),
                 ))
             }),
-            Ok(Err(_)) => Err(SharedError::Stopped("read round abandoned".into())),
+            Ok(Err(_)) => Err(SharedError::Stopped(std::sync::Arc::new(
+                crate::error::Gone("read round abandoned"),
+            ))),
             Err(_) => Err(SharedError::NoQuorum(format!(
                 "leadership not confirmed within {timeout:?}"
             ))),

@@ -20,11 +20,13 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
+use palisade_shard::ClusterMap;
 use palisade_storage::{
     Flusher, LeaseRecord, LockRecord, SnapshotStore, StateBatch, StateTree, StoreError,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::slots::SlotOutcome;
 use crate::types::{
     Command, CommandOp, CommandResult, GroupId, LEASE_GROUP_SHIFT, NodeId, OpResult, Rejection,
     Txn, TxnOp, TypeConfig,
@@ -32,9 +34,28 @@ use crate::types::{
 
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
+/// Meta record of the meta group holding the cluster map.
+const CLUSTER_MAP: &str = "cluster_map";
 
 type Membership = StoredMembership<NodeId, BasicNode>;
 type SnapMeta = SnapshotMeta<NodeId, BasicNode>;
+
+/// The cluster map as the meta group's state holds it, and where each new
+/// version is published for the node (its router, reconciler, coordinator).
+pub struct MapState {
+    map: Arc<ClusterMap>,
+    publish: tokio::sync::watch::Sender<Arc<ClusterMap>>,
+}
+
+impl MapState {
+    /// A publisher starting from the empty map.
+    pub fn new(publish: tokio::sync::watch::Sender<Arc<ClusterMap>>) -> Self {
+        Self {
+            map: Arc::new(ClusterMap::default()),
+            publish,
+        }
+    }
+}
 
 /// State machine of one group.
 pub struct StateMachine {
@@ -47,6 +68,16 @@ pub struct StateMachine {
     built: u64,
     /// Snapshots installed from a leader since start (for status and tests).
     installed: Arc<AtomicU64>,
+    /// The meta group only: the cluster map.
+    map: Option<MapState>,
+}
+
+/// What one `apply` call works on.
+struct Apply<'a> {
+    batch: StateBatch<'a>,
+    group: GroupId,
+    /// The meta group only: the map as the entries so far leave it.
+    map: Option<ClusterMap>,
 }
 
 impl StateMachine {
@@ -55,17 +86,32 @@ impl StateMachine {
         state: StateTree,
         snapshots: SnapshotStore,
         flusher: Flusher,
+        map: Option<MapState>,
     ) -> Result<Self, StoreError> {
         let applied: Option<LogId<NodeId>> = state.meta(APPLIED)?.flatten();
-        state.set_revision(applied.map_or(0, |l| l.index));
-        Ok(Self {
+        state.set_applied(applied.map_or(0, |l| l.index));
+        let mut sm = Self {
             group,
             state,
             snapshots,
             flusher,
             built: 0,
             installed: Arc::new(AtomicU64::new(0)),
-        })
+            map,
+        };
+        sm.load_map()?;
+        Ok(sm)
+    }
+
+    /// Reads the stored cluster map (meta group) and publishes it.
+    fn load_map(&mut self) -> Result<(), StoreError> {
+        let Some(m) = &mut self.map else {
+            return Ok(());
+        };
+        let stored: ClusterMap = self.state.meta(CLUSTER_MAP)?.unwrap_or_default();
+        m.map = Arc::new(stored);
+        m.publish.send_replace(m.map.clone());
+        Ok(())
     }
 
     /// Counter of snapshots installed from a leader.
@@ -74,18 +120,24 @@ impl StateMachine {
     }
 
     fn apply_command(
-        batch: &mut StateBatch<'_>,
-        group: GroupId,
+        ctx: &mut Apply<'_>,
         log_id: &LogId<NodeId>,
+        revision: u64,
         cmd: &Command,
     ) -> Result<CommandResult, StoreError> {
+        let batch = &mut ctx.batch;
         if let Some(id) = &cmd.request_id
             && let Some(done) = batch.dedup_get(id.client_id, id.seq)?
         {
             // A retry of a write that already applied: answer as before.
             return decode_result(&done);
         }
-        let revision = log_id.index;
+        if let Some(why) = crate::slots::check_write(batch, &cmd.op) {
+            // Not this group's to write (now): nothing happened, and nothing
+            // is remembered for the request id, so a retry where the slot
+            // lives applies it.
+            return Ok(rejected(revision, why));
+        }
         let result = match &cmd.op {
             CommandOp::Txn(txn) => Self::apply_txn(batch, revision, txn)?,
             // Compactions are applied by `apply`, in a batch of their own.
@@ -94,19 +146,13 @@ impl StateMachine {
                 ..CommandResult::default()
             },
             CommandOp::LeaseGrant { ttl_ms } => {
-                let id = (group << LEASE_GROUP_SHIFT) | revision;
-                let record = LeaseRecord {
-                    ttl_ms: *ttl_ms,
-                    ..LeaseRecord::default()
-                };
-                batch.lease_put(id, &record)?;
-                applied(
-                    revision,
-                    vec![OpResult::LeaseGranted {
-                        id,
-                        ttl_ms: *ttl_ms,
-                    }],
-                )
+                // Only in logs of earlier versions: the id embeds the group.
+                let id = (ctx.group << LEASE_GROUP_SHIFT) | revision;
+                Self::grant(batch, revision, id, *ttl_ms)?
+            }
+            CommandOp::LeaseGrantIn { ttl_ms, slot } => {
+                let id = palisade_shard::lease_id(*slot, revision);
+                Self::grant(batch, revision, id, *ttl_ms)?
             }
             CommandOp::LeaseRevoke { id } => Self::end_lease(batch, revision, *id)?,
             CommandOp::Batch(cmds) => {
@@ -115,10 +161,11 @@ impl StateMachine {
                     each.push(match inner.op {
                         // Never produced (the proposer batches client
                         // transactions only); answered, not applied.
-                        CommandOp::Batch(_) | CommandOp::Compact { .. } => {
-                            applied(revision, Vec::new())
-                        }
-                        _ => Self::apply_command(batch, group, log_id, inner)?,
+                        CommandOp::Batch(_)
+                        | CommandOp::Compact { .. }
+                        | CommandOp::Map(_)
+                        | CommandOp::Slots(_) => applied(revision, Vec::new()),
+                        _ => Self::apply_command(ctx, log_id, revision, inner)?,
                     });
                 }
                 CommandResult {
@@ -126,7 +173,7 @@ impl StateMachine {
                     ..applied(revision, Vec::new())
                 }
             }
-            CommandOp::Lock { name, lease } => Self::lock(batch, log_id, name, *lease)?,
+            CommandOp::Lock { name, lease } => Self::lock(batch, log_id, revision, name, *lease)?,
             CommandOp::Unlock { name, token } => match batch.lock_get(name)? {
                 Some(held) if held.token == *token => {
                     batch.lock_delete(name);
@@ -143,12 +190,49 @@ impl StateMachine {
                     },
                 ),
             },
+            CommandOp::Map(m) => match &mut ctx.map {
+                None => rejected(
+                    revision,
+                    Rejection::BadSlots("only the meta group holds the cluster map".into()),
+                ),
+                Some(map) => {
+                    let mut next = map.clone();
+                    match next.apply(m) {
+                        Ok(r) => {
+                            batch.set_meta(CLUSTER_MAP, &next)?;
+                            *map = next;
+                            applied(revision, vec![OpResult::Map(r)])
+                        }
+                        Err(e) => rejected(revision, Rejection::Map(e)),
+                    }
+                }
+            },
+            // Applied by `apply` (they may move the revision).
+            CommandOp::Slots(_) => applied(revision, Vec::new()),
         };
+        let batch = &mut ctx.batch;
         if let Some(id) = &cmd.request_id {
             batch.dedup_put(id.client_id, id.seq, encode_result(&result)?);
             batch.dedup_forget_below(id.client_id, id.first_incomplete_seq.min(id.seq))?;
         }
         Ok(result)
+    }
+
+    fn grant(
+        batch: &mut StateBatch<'_>,
+        revision: u64,
+        id: u64,
+        ttl_ms: u64,
+    ) -> Result<CommandResult, StoreError> {
+        let record = LeaseRecord {
+            ttl_ms,
+            ..LeaseRecord::default()
+        };
+        batch.lease_put(id, &record)?;
+        Ok(applied(
+            revision,
+            vec![OpResult::LeaseGranted { id, ttl_ms }],
+        ))
     }
 
     /// Ends lease `id`: deletes the keys still attached to it and releases
@@ -180,10 +264,10 @@ impl StateMachine {
     fn lock(
         batch: &mut StateBatch<'_>,
         log_id: &LogId<NodeId>,
+        revision: u64,
         name: &[u8],
         lease_id: u64,
     ) -> Result<CommandResult, StoreError> {
-        let revision = log_id.index;
         let Some(mut lease) = batch.lease_get(lease_id)? else {
             return Ok(rejected(
                 revision,
@@ -206,8 +290,9 @@ impl StateMachine {
                 },
             )),
             None => {
-                // The entry's log index: unique and increasing across every
-                // leader of the group, unlike a term.
+                // The entry's revision: unique and increasing across every
+                // leader of the group, unlike a term, and across moves of
+                // the lock's slot (see `slots`).
                 let record = LockRecord {
                     lease: lease_id,
                     token: revision,
@@ -357,7 +442,7 @@ fn commit_applied(
 ) -> Result<(), StoreError> {
     if let Some(last) = last {
         batch.set_meta(APPLIED, &Some(last))?;
-        batch.set_revision(last.index);
+        batch.set_applied(last.index);
         batch.commit()?;
     }
     Ok(())
@@ -469,11 +554,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = self.state.batch();
+        let mut ctx = Apply {
+            batch: self.state.batch(),
+            group: self.group,
+            map: self.map.as_ref().map(|m| (*m.map).clone()),
+        };
+        let map_before = ctx.map.clone();
         let mut results = Vec::new();
         let mut last = None;
         for entry in entries {
-            let revision = entry.log_id.index;
+            let index = entry.log_id.index;
+            let revision = index + ctx.batch.rev_offset();
             let result = match &entry.payload {
                 EntryPayload::Blank => applied(revision, Vec::new()),
                 EntryPayload::Normal(Command {
@@ -483,29 +574,52 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // Compaction reads the committed tree, so first commit
                     // what this call applied so far (with its applied id, so
                     // a crash in between re-applies nothing twice).
-                    let done = std::mem::replace(&mut batch, self.state.batch());
+                    let done = std::mem::replace(&mut ctx.batch, self.state.batch());
                     commit_applied(done, last).map_err(sm_write_err)?;
                     // Never past this entry: revisions above it do not exist.
-                    let succeeded = batch.compact((*to).min(revision)).map_err(sm_write_err)?;
+                    let succeeded = ctx
+                        .batch
+                        .compact((*to).min(revision))
+                        .map_err(sm_write_err)?;
                     CommandResult {
                         succeeded,
                         ..applied(revision, Vec::new())
                     }
                 }
+                EntryPayload::Normal(Command {
+                    op: CommandOp::Slots(cmd),
+                    ..
+                }) => {
+                    match crate::slots::apply(&mut ctx.batch, self.group, index, cmd)
+                        .map_err(sm_write_err)?
+                    {
+                        SlotOutcome::Applied => applied(revision, Vec::new()),
+                        SlotOutcome::Lifted(offset) => applied(index + offset, Vec::new()),
+                        SlotOutcome::Refused(why) => rejected(revision, Rejection::BadSlots(why)),
+                    }
+                }
                 EntryPayload::Normal(cmd) => {
-                    Self::apply_command(&mut batch, self.group, &entry.log_id, cmd)
+                    Self::apply_command(&mut ctx, &entry.log_id, revision, cmd)
                         .map_err(sm_write_err)?
                 }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
-                    batch.set_meta(MEMBERSHIP, &stored).map_err(sm_write_err)?;
+                    ctx.batch
+                        .set_meta(MEMBERSHIP, &stored)
+                        .map_err(sm_write_err)?;
                     applied(revision, Vec::new())
                 }
             };
             results.push(result);
             last = Some(entry.log_id);
         }
-        commit_applied(batch, last).map_err(sm_write_err)?;
+        commit_applied(ctx.batch, last).map_err(sm_write_err)?;
+        if let (Some(state), Some(map)) = (&mut self.map, ctx.map)
+            && Some(&map) != map_before.as_ref()
+        {
+            state.map = Arc::new(map);
+            state.publish.send_replace(state.map.clone());
+        }
         Ok(results)
     }
 
@@ -559,8 +673,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
         };
         let records: Vec<(Vec<u8>, Vec<u8>)> = decode(&data).map_err(snap_err)?;
-        let revision = meta.last_log_id.map_or(0, |l| l.index);
-        self.state.import(records, revision).map_err(snap_err)?;
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.state.import(records, index).map_err(snap_err)?;
         // The copied meta records already say this; writing them again makes
         // the state agree with `meta` even if the sender's copy was older.
         let mut batch = self.state.batch();
@@ -570,7 +684,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch
             .set_meta(MEMBERSHIP, &meta.last_membership)
             .map_err(snap_err)?;
-        batch.set_revision(revision);
+        batch.set_applied(index);
         batch.commit().map_err(snap_err)?;
         // The log up to the snapshot is purged next; sled must hold it all.
         self.state.persist().map_err(snap_err)?;
@@ -579,8 +693,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .sync_db()
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.load_map().map_err(snap_err)?;
         self.installed.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(group = self.group, index = revision, "installed snapshot");
+        tracing::info!(group = self.group, index, "installed snapshot");
         Ok(())
     }
 
@@ -612,6 +727,7 @@ mod tests {
             store.state_tree(1).unwrap(),
             store.snapshot_store(1).unwrap(),
             store.flusher().clone(),
+            None,
         )
         .unwrap()
     }

@@ -1,23 +1,30 @@
 //! openraft type configuration and the replicated command format.
 //!
 //! Every write is a [`Command`]: an optional request id (for at-most-once
-//! application of retried writes) and a [`Txn`]. A plain put or delete is a
-//! transaction with no compares and a single operation, so the state machine
-//! has one write path.
+//! application of retried writes) and a [`CommandOp`]. A plain put or
+//! delete is a transaction with no compares and a single operation, so the
+//! state machine has one write path for client data.
+//!
+//! # Compatibility
+//!
+//! Commands live in Raft logs and snapshots on disk, encoded with bincode,
+//! which names enum variants by position and struct fields by order. So:
+//! new variants go at the *end* of an enum, and no field is ever added to,
+//! removed from or reordered in a struct that is already stored. (This is
+//! why the epoch-free `LeaseGrant` and the group-embedding lease ids of
+//! earlier versions are still understood.)
 
 use std::io::Cursor;
 
 use palisade_storage::KeyRecord;
 use serde::{Deserialize, Serialize};
 
-/// Node ids are small integers chosen by the operator.
+/// A Raft member id: the id of one replica of one group (see
+/// `palisade_shard::map` on replica ids). Replicas created at bootstrap
+/// have their node's id.
 pub type NodeId = u64;
 
-/// A group id. Group 0 is the meta group; data groups are 1..=N.
-pub type GroupId = u64;
-
-/// The meta group's id.
-pub const META_GROUP: GroupId = 0;
+pub use palisade_shard::{GroupId, META_GROUP, ReplicaId};
 
 openraft::declare_raft_types!(
     /// Types palisade plugs into openraft.
@@ -83,14 +90,85 @@ pub enum CommandOp {
     /// transactions on pairwise disjoint keys (fence locks included), so no
     /// two versions of a key ever share a revision.
     Batch(Vec<Command>),
+    /// Create a lease living with hash slot `slot` (it moves with the
+    /// slot); its id is `palisade_shard::lease_id(slot, revision)`.
+    LeaseGrantIn { ttl_ms: u64, slot: u16 },
+    /// A change to the cluster map (meta group only).
+    Map(palisade_shard::MapCommand),
+    /// A change to the slots this group serves (data groups only).
+    Slots(SlotCommand),
 }
 
-/// Bits of a lease id below the group id.
+/// Bits of a lease id (of an earlier version) below the group id.
 pub const LEASE_GROUP_SHIFT: u32 = 48;
 
-/// The group a lease lives in.
-pub fn lease_group(id: u64) -> GroupId {
-    id >> LEASE_GROUP_SHIFT
+/// One record of the state tree, as a slot move copies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRecord {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// Changes to the hash slots a data group serves, each applied at one log
+/// index on every replica. They are the group-side half of a slot move (the
+/// meta group records the other half, see `palisade_shard::MovePhase`), and
+/// each is idempotent, so a coordinator that restarts repeats the current
+/// step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotCommand {
+    /// Serve `slots` from revision 0 on (a group created at bootstrap, or
+    /// one written before the cluster map, taking its static slots).
+    Adopt { slots: palisade_shard::SlotSet },
+    /// Refuse writes to owned `slots` while move `move_id` copies them.
+    Freeze {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+    },
+    /// Lift a freeze (the move was rolled back).
+    Unfreeze {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+    },
+    /// Start importing `slots`: drop any records of them left by an earlier
+    /// attempt, and stage them (present, not served).
+    ImportBegin {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+    },
+    /// Records of staged slots (as `StateTree::export_slots` gives them).
+    ImportChunk {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+        records: Vec<SlotRecord>,
+    },
+    /// Stop serving `slots` (reads too) because group `to` takes them; the
+    /// data stays until `Release`.
+    Handoff {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+        to: GroupId,
+    },
+    /// Serve the staged `slots`, which group `from` handed off at its
+    /// revision `source_revision`: from here on this group's revisions are
+    /// above every revision the slots' data carries.
+    ImportCommit {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+        from: GroupId,
+        source_revision: u64,
+    },
+    /// Delete the data of `slots`, handed off earlier.
+    Release {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+    },
+    /// Drop the staged records of `slots` (the move was rolled back).
+    ImportAbort {
+        move_id: u64,
+        slots: palisade_shard::SlotSet,
+    },
 }
 
 /// A fenced write's fence: the lock whose current token it must carry.
@@ -120,6 +198,19 @@ pub enum Rejection {
     NotLockHolder {
         current: u64,
     },
+    /// This group does not serve the slot (any more, or yet).
+    NotOwned {
+        slot: u16,
+        moved_to: Option<GroupId>,
+    },
+    /// The slot is being moved to another group: writes wait for the move.
+    Frozen {
+        slot: u16,
+    },
+    /// The cluster map refused the change.
+    Map(palisade_shard::MapError),
+    /// A slot command that does not fit the group's state.
+    BadSlots(String),
 }
 
 /// If every compare holds, apply `success`, else `failure`. With a fence,
@@ -266,6 +357,8 @@ pub enum OpResult {
     Get { record: Option<KeyRecord> },
     LeaseGranted { id: u64, ttl_ms: u64 },
     LockAcquired { token: u64, term: u64 },
+    /// What an applied map command created.
+    Map(palisade_shard::MapResult),
 }
 
 #[cfg(test)]

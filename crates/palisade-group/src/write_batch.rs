@@ -91,7 +91,7 @@ impl WriteBatcher {
         if self.tx.send(pending).is_err() {
             return Err(GroupError::Stopped {
                 group: self.group,
-                reason: "write batcher stopped".into(),
+                source: std::sync::Arc::new(crate::error::Gone("write batcher stopped")),
             });
         }
         match tokio::time::timeout(timeout, rx).await {

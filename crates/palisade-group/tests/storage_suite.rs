@@ -23,6 +23,7 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachine, tempfile::Temp
             store.state_tree(3).expect("state tree"),
             store.snapshot_store(3).expect("snapshot store"),
             store.flusher().clone(),
+            None,
         )
         .expect("state machine");
         Ok((dir, log, sm))

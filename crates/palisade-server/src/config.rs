@@ -21,6 +21,11 @@ pub const DEFAULT_SCAN_LIMIT: usize = 1000;
 pub const DEFAULT_HISTORY_RETENTION: u64 = 100_000;
 /// Upper bound on a scan's limit, so one request cannot pin a node.
 pub const MAX_SCAN_LIMIT: usize = 100_000;
+/// Default voters per data group.
+pub const DEFAULT_REPLICAS: u32 = 3;
+/// Default time a node may be unreachable before its replicas are moved
+/// elsewhere.
+pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(300);
 
 /// Raft timings. Short enough that a killed leader is replaced within about a
 /// second; long enough that a loaded two-core machine does not flap.
@@ -59,20 +64,64 @@ impl Default for Limits {
     }
 }
 
+/// How the cluster's coordinator (on the meta group's leader) paces itself.
+#[derive(Debug, Clone)]
+pub struct CoordinatorTimings {
+    /// How often it probes the nodes and plans the next changes.
+    pub interval: Duration,
+    /// A node unreachable this long is drained (its replicas re-created
+    /// from the others).
+    pub down_after: Duration,
+    /// How long a new replica may take to catch up before its change is
+    /// rolled back.
+    pub catchup_timeout: Duration,
+    /// Replica changes carried out at once (on distinct groups).
+    pub max_concurrent_changes: usize,
+    /// Most slots one move carries.
+    pub max_move_slots: usize,
+    /// Least time between two leader transfers of one group.
+    pub transfer_cooldown: Duration,
+}
+
+impl Default for CoordinatorTimings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(500),
+            down_after: DEFAULT_DOWN_AFTER,
+            catchup_timeout: Duration::from_secs(120),
+            max_concurrent_changes: 2,
+            max_move_slots: 256,
+            transfer_cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// This node's id; must be a key of `peers`.
+    /// This node's id (0: unknown yet: a node joining with `--join` gets one
+    /// from the cluster). Once a data directory has an id, it keeps it.
     pub id: u64,
-    /// Address to bind. The address peers and clients use is `peers[id]`.
+    /// Address to bind.
     pub listen: SocketAddr,
-    /// Every voter of the initial cluster: id → advertised `host:port`. A
-    /// learner lists only itself.
+    /// The address peers and clients reach this node at (empty: `peers[id]`
+    /// when bootstrapping, else `listen`).
+    pub advertise: String,
+    /// Bootstrap: every node of the initial cluster, id → advertised
+    /// `host:port`. Empty when joining a running cluster.
     pub peers: BTreeMap<u64, String>,
+    /// Join: addresses of some nodes of a running cluster.
+    pub join: Vec<String>,
+    /// Placement labels.
+    pub region: String,
+    pub zone: String,
     pub data_dir: PathBuf,
-    /// Data groups to create at bootstrap (ignored once the node has data:
-    /// the count recorded at bootstrap wins).
+    /// Data groups to create at bootstrap (the group count changes later
+    /// with `cluster set-groups`).
     pub data_groups: u64,
+    /// Voters per data group, chosen at bootstrap.
+    pub replicas: u32,
+    pub coordinator: CoordinatorTimings,
     pub limits: Limits,
     pub timings: RaftTimings,
     /// Build a snapshot after this many applied entries.
@@ -103,9 +152,9 @@ pub struct NodeConfig {
     /// history older than this many revisions behind the newest (0: never
     /// compact automatically).
     pub history_retention: u64,
-    /// Start as a read replica: join the groups as a non-voting learner
-    /// instead of bootstrapping them with `peers` as voters.
+    /// Join as a read replica: learners only, of `read_groups` (empty: all).
     pub learner: bool,
+    pub read_groups: Vec<u64>,
 }
 
 impl NodeConfig {
@@ -119,9 +168,15 @@ impl NodeConfig {
         Self {
             id,
             listen,
+            advertise: String::new(),
             peers,
+            join: Vec::new(),
+            region: String::new(),
+            zone: String::new(),
             data_dir,
             data_groups: DEFAULT_DATA_GROUPS,
+            replicas: DEFAULT_REPLICAS,
+            coordinator: CoordinatorTimings::default(),
             limits: Limits::default(),
             timings: RaftTimings::default(),
             snapshot_every: 10_000,
@@ -136,20 +191,41 @@ impl NodeConfig {
             ack_all_wait: Duration::from_secs(2),
             history_retention: DEFAULT_HISTORY_RETENTION,
             learner: false,
+            read_groups: Vec::new(),
         }
     }
 
     /// Checks the config; the error names the offending setting.
     pub fn validate(&self) -> Result<(), ServerError> {
         let bad = |m: String| Err(ServerError::Config(m));
-        if self.id == 0 {
-            return bad("--id must be at least 1 (0 means \"no node\" in leader hints)".into());
-        }
-        if !self.peers.contains_key(&self.id) {
+        if self.id >= palisade_shard::FIRST_ADDED_REPLICA_ID {
             return bad(format!(
-                "--peers must include this node's own id {}",
-                self.id
+                "--id must be below {}",
+                palisade_shard::FIRST_ADDED_REPLICA_ID
             ));
+        }
+        if !self.peers.is_empty() {
+            if self.id == 0 {
+                return bad("--id must be at least 1 when bootstrapping with --peers".into());
+            }
+            if !self.peers.contains_key(&self.id) {
+                return bad(format!(
+                    "--peers must include this node's own id {}",
+                    self.id
+                ));
+            }
+            if !self.join.is_empty() {
+                return bad("--peers (bootstrap a cluster) and --join (join one) exclude each other".into());
+            }
+        }
+        if self.replicas == 0 || self.replicas > 7 {
+            return bad(format!(
+                "--replicas must be between 1 and 7, got {}",
+                self.replicas
+            ));
+        }
+        if self.coordinator.down_after < Duration::from_secs(1) {
+            return bad("--down-after must be at least 1s".into());
         }
         if self.data_groups == 0 || self.data_groups > 256 {
             return bad(format!(
@@ -181,11 +257,14 @@ impl NodeConfig {
     }
 
     /// This node's advertised address.
-    pub fn advertise_addr(&self) -> &str {
+    pub fn advertise_addr(&self) -> String {
+        if !self.advertise.is_empty() {
+            return self.advertise.clone();
+        }
         self.peers
             .get(&self.id)
-            .map(String::as_str)
-            .unwrap_or_default()
+            .cloned()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 
     pub(crate) fn raft_config(&self) -> Result<openraft::Config, ServerError> {
@@ -256,6 +335,13 @@ mod tests {
         assert!(c.validate().is_ok());
         c.id = 2;
         assert!(c.validate().unwrap_err().to_string().contains("own id 2"));
+        c.id = 1;
+        c.join = vec!["a:1".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("--join"));
+        c.join.clear();
+        c.replicas = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("--replicas"));
+        c.replicas = 3;
         c.id = 1;
         c.data_groups = 0;
         assert!(c.validate().unwrap_err().to_string().contains("--groups"));

@@ -1,22 +1,35 @@
-//! A palisade node: the sled store, every Raft group it hosts, and the gRPC
-//! server that fronts them.
+//! A palisade node: its identity, its storage, the replicas it hosts, its
+//! copy of the cluster map, and the gRPC server that fronts them.
 //!
-//! Lifecycle: [`Node::open`] opens storage and starts every group (group 0,
-//! the meta group, and data groups `1..=N`); on a fresh data directory it
-//! initializes each group with the configured peers as voters (every node
-//! does this with the same membership, which openraft accepts; on restart it
-//! is a no-op). [`Node::serve`] runs the Kv, Admin and Peer services on one
-//! listener until the shutdown future resolves; [`Node::shutdown`] stops the
-//! groups and flushes.
+//! # Lifecycle
+//!
+//! [`Node::open`] opens storage and settles the node's identity:
+//! - a data directory that has one keeps it (`--id`, if given, must match);
+//! - a data directory written before the cluster map existed (it records the
+//!   number of data groups) takes `--id`; its groups open as they are and
+//!   the meta leader derives the map from their layout (see `coordinator`);
+//! - a new node with `--peers` bootstraps: the first 5, 3 or 1 nodes (by id)
+//!   create the meta group, whose leader then writes the first map;
+//! - a new node with `--join` asks the cluster for an id first.
+//!
+//! It then opens the meta group (this node's replica of it always has the
+//! node's id) and every replica the map or the disk says it holds, and
+//! starts the background tasks: the reconciler (opens and closes replicas as
+//! the map changes), the coordinator (active on the meta leader), lease
+//! expiry and history retention. [`Node::serve`] runs the gRPC services
+//! until shutdown; [`Node::shutdown`] stops the tasks and the groups and
+//! flushes.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::BasicNode;
 use palisade_group::{
-    Connector, GroupId, NodeId, PeerChannels, RaftGroup, ReplicaState, TcpConnector,
+    Connector, GroupId, MapState, NodeId, PeerChannels, RaftGroup, ReplicaId, ReplicaState,
+    TcpConnector,
 };
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::admin_server::AdminServer;
@@ -24,32 +37,57 @@ use palisade_proto::v1::kv_server::KvServer;
 use palisade_proto::v1::lease_server::LeaseServer;
 use palisade_proto::v1::lock_server::LockServer;
 use palisade_proto::v1::peer_server::PeerServer;
-use palisade_shard::ShardMap;
-use palisade_storage::NodeStore;
+use palisade_shard::{ClusterMap, META_GROUP, NodeState, meta_voter_target};
+use palisade_storage::{NodeStore, ReplicaRecord};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
 use crate::error::ServerError;
-use crate::{admin, kv, lock, peer};
+use crate::registry::GroupRegistry;
+use crate::router::LeaderCache;
+use crate::service;
+use crate::tasks::Tasks;
 
-/// Node-level fact: number of data groups fixed at bootstrap.
-const DATA_GROUPS_FACT: &str = "data_groups";
+/// Node fact: the node's id.
+const NODE_ID_FACT: &str = "node_id";
+/// Node fact: the cluster's id (learned when joining).
+const CLUSTER_ID_FACT: &str = "cluster_id";
+/// Node fact written by versions before the cluster map: the number of data
+/// groups fixed at bootstrap.
+const LEGACY_GROUPS_FACT: &str = "data_groups";
 
 /// Largest peer message (an append batch or a snapshot chunk).
 const MAX_PEER_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
 
+/// How long a joining node keeps asking the cluster to register it.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct Node {
     pub(crate) config: NodeConfig,
+    id: NodeId,
     store: NodeStore,
-    groups: BTreeMap<GroupId, Arc<RaftGroup>>,
-    shard: ShardMap,
+    raft_config: Arc<openraft::Config>,
     pub(crate) channels: PeerChannels,
+    pub(crate) registry: GroupRegistry,
+    /// The meta group's state machine publishes every map version here.
+    map_tx: watch::Sender<Arc<ClusterMap>>,
+    map_rx: watch::Receiver<Arc<ClusterMap>>,
+    pub(crate) leaders: LeaderCache,
     /// Lease deadlines of the groups this node leads.
-    pub(crate) lease_clock: crate::lock::LeaseClock,
+    pub(crate) lease_clock: crate::lease::LeaseClock,
     /// Per group: the newest leader read index this node fetched, with the
     /// instant the fetch began (shared by BOUNDED_STALENESS reads).
     read_indexes: std::sync::Mutex<BTreeMap<GroupId, (std::time::Instant, u64)>>,
+    /// The data group count of a data directory from before the cluster
+    /// map (`None` for clusters that started with the map).
+    legacy_groups: Option<u64>,
+    /// Set once the map says this node was removed.
+    removed: AtomicBool,
+    tasks: Tasks,
+    /// Serializes reconciliation passes.
+    pub(crate) reconciling: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -80,66 +118,137 @@ impl Node {
             config.cache_bytes,
             config.flush_mode,
         )?;
-        let data_groups = match store.node_fact(DATA_GROUPS_FACT)? {
-            Some(n) => {
-                if n != config.data_groups {
-                    tracing::warn!(
-                        recorded = n,
-                        requested = config.data_groups,
-                        "data group count is fixed at bootstrap; using the recorded count"
-                    );
-                }
-                n
-            }
-            None => {
-                store.set_node_fact(DATA_GROUPS_FACT, config.data_groups)?;
-                config.data_groups
-            }
-        };
-        let shard = ShardMap::new(data_groups).ok_or_else(|| {
-            ServerError::Config(format!(
-                "recorded data group count {data_groups} is invalid"
-            ))
-        })?;
-        let raft_config = Arc::new(config.raft_config()?);
         let channels = PeerChannels::new(connector);
-        let members: BTreeMap<NodeId, BasicNode> = config
-            .peers
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
-            .collect();
-        let mut groups = BTreeMap::new();
-        for id in std::iter::once(palisade_shard::META_GROUP).chain(shard.groups()) {
-            let group =
-                RaftGroup::open(config.id, id, &store, raft_config.clone(), channels.clone())
-                    .await?;
-            // A learner waits to be added by the cluster instead.
-            if !config.learner {
-                group.initialize(members.clone()).await?;
-            }
-            groups.insert(id, Arc::new(group));
-        }
-        tracing::info!(
-            node = config.id,
-            groups = groups.len(),
-            addr = config.advertise_addr(),
-            "node open"
-        );
+        let legacy_groups = match store.node_fact(NODE_ID_FACT)? {
+            Some(_) => None,
+            None => store.node_fact(LEGACY_GROUPS_FACT)?,
+        };
+        let id = resolve_identity(&config, &store, &channels).await?;
+        let raft_config = Arc::new(config.raft_config()?);
+        let (map_tx, map_rx) = watch::channel(Arc::new(ClusterMap::default()));
         let node = Arc::new(Node {
             config,
+            id,
             store,
-            groups,
-            shard,
+            raft_config,
             channels,
-            lease_clock: crate::lock::LeaseClock::default(),
+            registry: GroupRegistry::default(),
+            map_tx,
+            map_rx,
+            leaders: LeaderCache::default(),
+            lease_clock: crate::lease::LeaseClock::default(),
             read_indexes: std::sync::Mutex::new(BTreeMap::new()),
+            legacy_groups,
+            removed: AtomicBool::new(false),
+            tasks: Tasks::default(),
+            reconciling: tokio::sync::Mutex::new(()),
         });
+        node.open_meta().await?;
+        node.reconcile().await;
+        tracing::info!(
+            node = node.id,
+            groups = node.registry.ids().len(),
+            addr = %node.config.advertise_addr(),
+            legacy = legacy_groups.is_some(),
+            "node open"
+        );
+        crate::reconcile::spawn(&node);
+        crate::coordinator::spawn(&node);
+        crate::lease::spawn_expiry(&node);
         spawn_history_retention(&node);
-        crate::lock::spawn_lease_expiry(&node);
         Ok(node)
     }
 
-    /// Serves the Kv, Admin and Peer services on `listener` until `shutdown`.
+    /// Opens this node's replica of the meta group; on a fresh bootstrap,
+    /// the first nodes create it.
+    async fn open_meta(self: &Arc<Self>) -> Result<(), ServerError> {
+        let fresh = self.store.replica_record(META_GROUP)?.is_none();
+        let meta = self.open_replica(META_GROUP, self.id, 0).await?;
+        if fresh && !self.config.peers.is_empty() && self.legacy_groups.is_none() {
+            let k = meta_voter_target(self.config.peers.len());
+            let voters: BTreeMap<NodeId, BasicNode> = self
+                .config
+                .peers
+                .iter()
+                .take(k)
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            if voters.contains_key(&self.id) {
+                meta.initialize(voters).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens replica `replica` of `group` and registers it. `added_epoch`
+    /// is recorded with a replica opened for the first time (see
+    /// [`ReplicaRecord`]).
+    pub(crate) async fn open_replica(
+        self: &Arc<Self>,
+        group: GroupId,
+        replica: ReplicaId,
+        added_epoch: u64,
+    ) -> Result<Arc<RaftGroup>, ServerError> {
+        if let Some(g) = self.registry.get(group) {
+            return Ok(g);
+        }
+        match self.store.replica_record(group)? {
+            None => self.store.set_replica_record(
+                group,
+                &ReplicaRecord {
+                    replica,
+                    added_epoch,
+                },
+            )?,
+            Some(r) if r.replica == 0 && replica == self.id => {}
+            Some(r) if r.replica == replica => {}
+            Some(r) => {
+                return Err(ServerError::Config(format!(
+                    "group {group}: storage holds replica {} but replica {replica} was asked for",
+                    r.replica
+                )));
+            }
+        }
+        let map = (group == META_GROUP).then(|| MapState::new(self.map_tx.clone()));
+        let g = RaftGroup::open(
+            self.id,
+            replica,
+            group,
+            &self.store,
+            self.raft_config.clone(),
+            self.channels.clone(),
+            map,
+        )
+        .await?;
+        let g = Arc::new(g);
+        self.registry.insert(g.clone());
+        tracing::info!(node = self.id, group, replica, "replica open");
+        Ok(g)
+    }
+
+    /// Closes the local replica of `group` (if open) and deletes its data.
+    pub(crate) async fn destroy_replica(&self, group: GroupId) -> Result<(), ServerError> {
+        if let Some(g) = self.registry.remove(group) {
+            g.shutdown().await;
+        }
+        self.lease_clock.forget(group);
+        self.store.destroy_group(group)?;
+        tracing::info!(node = self.id, group, "replica removed and its data deleted");
+        Ok(())
+    }
+
+    /// The replica record of `group` on this node's disk.
+    pub(crate) fn replica_record(&self, group: GroupId) -> Option<ReplicaRecord> {
+        self.store.replica_record(group).ok().flatten()
+    }
+
+    /// Groups this node has storage for.
+    pub(crate) fn stored_groups(&self) -> Vec<GroupId> {
+        self.store.stored_groups()
+    }
+
+    /// Serves the Kv, Admin, Lease, Lock and Peer services on `listener`
+    /// until `shutdown`.
     pub async fn serve(
         self: &Arc<Self>,
         listener: TcpListener,
@@ -172,12 +281,12 @@ impl Node {
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let max_request = self.config.limits.max_request_bytes + 64 * 1024;
-        let kv =
-            KvServer::new(kv::KvService::new(self.clone())).max_decoding_message_size(max_request);
-        let admin = AdminServer::new(admin::AdminService::new(self.clone()));
-        let lease = LeaseServer::new(lock::LeaseService::new(self.clone()));
-        let lock = LockServer::new(lock::LockService::new(self.clone()));
-        let peer = PeerServer::new(peer::PeerService::new(self.clone()))
+        let kv = KvServer::new(service::kv::KvService::new(self.clone()))
+            .max_decoding_message_size(max_request);
+        let admin = AdminServer::new(service::admin::AdminService::new(self.clone()));
+        let lease = LeaseServer::new(service::lock::LeaseService::new(self.clone()));
+        let lock = LockServer::new(service::lock::LockService::new(self.clone()));
+        let peer = PeerServer::new(service::peer::PeerService::new(self.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         tonic::transport::Server::builder()
@@ -192,9 +301,10 @@ impl Node {
         Ok(())
     }
 
-    /// Stops every group and flushes storage.
+    /// Stops the background tasks and every group, and flushes storage.
     pub async fn shutdown(&self) {
-        for group in self.groups.values() {
+        self.tasks.stop().await;
+        for (_, group) in self.registry.all() {
             group.shutdown().await;
         }
         if let Err(e) = self.store.flush() {
@@ -203,62 +313,113 @@ impl Node {
     }
 
     pub fn id(&self) -> NodeId {
-        self.config.id
+        self.id
     }
 
-    pub fn shard_map(&self) -> ShardMap {
-        self.shard
+    pub(crate) fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
-    /// A group hosted here, or `NOT_FOUND`.
-    pub fn group(&self, id: GroupId) -> Result<&Arc<RaftGroup>, ServerError> {
-        self.groups.get(&id).ok_or(ServerError::UnknownGroup(id))
+    /// This node's copy of the cluster map (empty until bootstrapped).
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.map_rx.borrow().clone()
     }
 
-    /// The data group that owns `key`.
-    pub fn group_for_key(&self, key: &[u8]) -> Result<&Arc<RaftGroup>, ServerError> {
-        self.group(self.shard.group_for_key(key))
+    /// A receiver of every new version of the map.
+    pub fn watch_map(&self) -> watch::Receiver<Arc<ClusterMap>> {
+        self.map_rx.clone()
+    }
+
+    /// Waits up to `timeout` until the map's epoch is at least `epoch`.
+    pub(crate) async fn wait_map(&self, epoch: u64, timeout: Duration) -> Arc<ClusterMap> {
+        let mut rx = self.map_rx.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|m| m.epoch >= epoch)).await;
+        self.map()
+    }
+
+    /// The data group count of a data directory from before the cluster
+    /// map, if this is one.
+    pub fn legacy_groups(&self) -> Option<u64> {
+        self.legacy_groups
+    }
+
+    /// The meta group's replica here.
+    pub(crate) fn meta(&self) -> Option<Arc<RaftGroup>> {
+        self.registry.get(META_GROUP)
+    }
+
+    /// Whether this node leads the meta group (and so runs the coordinator).
+    pub fn is_meta_leader(&self) -> bool {
+        self.meta().is_some_and(|m| m.is_leader())
     }
 
     /// Every group hosted here, by id.
-    pub fn groups(&self) -> &BTreeMap<GroupId, Arc<RaftGroup>> {
-        &self.groups
+    pub fn groups(&self) -> Vec<(GroupId, Arc<RaftGroup>)> {
+        self.registry.all()
     }
 
-    /// Every node of the cluster as the meta group knows it (falling back to
-    /// the configured peers before the meta group has a membership).
-    pub fn cluster_nodes(&self) -> BTreeMap<NodeId, String> {
-        let from_meta = self
-            .groups
-            .get(&palisade_shard::META_GROUP)
-            .map(|g| g.member_addrs())
-            .unwrap_or_default();
-        if from_meta.is_empty() {
-            self.config.peers.clone()
+    /// The local replica of `group`, if hosted here.
+    pub fn group(&self, id: GroupId) -> Option<Arc<RaftGroup>> {
+        self.registry.get(id)
+    }
+
+    /// Refuses requests once the map says this node was removed.
+    pub(crate) fn check_serving(&self) -> Result<(), ServerError> {
+        if self.removed.load(Ordering::Relaxed) {
+            Err(ServerError::NodeRemoved(self.id))
         } else {
-            from_meta
+            Ok(())
         }
+    }
+
+    pub(crate) fn mark_removed(&self) {
+        if !self.removed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                node = self.id,
+                "this node was removed from the cluster; it serves nothing now and may be stopped"
+            );
+        }
+    }
+
+    /// Every node of the cluster, id → address: from the map, or before it
+    /// exists, from the meta group's membership and the bootstrap peers.
+    pub fn cluster_nodes(&self) -> BTreeMap<NodeId, String> {
+        let map = self.map();
+        if map.is_bootstrapped() {
+            return map
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.state != NodeState::Removed)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+        }
+        let mut nodes = self.config.peers.clone();
+        if let Some(meta) = self.meta() {
+            nodes.extend(meta.member_addrs());
+        }
+        nodes.insert(self.id, self.config.advertise_addr());
+        nodes
     }
 
     /// This node's view of each of its groups.
     pub async fn local_status(&self) -> pb::NodeStatusResponse {
-        let mut groups = Vec::with_capacity(self.groups.len());
-        for group in self.groups.values() {
-            // A learner hosts every group but replicates only those it was
-            // added to.
-            if !group.has_member(self.config.id) {
-                continue;
-            }
+        let map = self.map();
+        let mut groups = Vec::new();
+        for (id, group) in self.registry.all() {
             let st = group.replica_state().await;
+            let leader_node = st
+                .leader
+                .map(|r| map.node_of(id, r).unwrap_or(if map.is_bootstrapped() { 0 } else { r }))
+                .unwrap_or(0);
             groups.push(pb::LocalGroupStatus {
                 group_id: st.group,
-                leader_id: st.leader.unwrap_or(0),
-                replica: Some(replica_status(&st)),
+                leader_id: leader_node,
+                replica: Some(replica_status(&map, &st)),
             });
         }
         let (flushes, flush_waiters) = self.flush_stats();
         pb::NodeStatusResponse {
-            node_id: self.config.id,
+            node_id: self.id,
             groups,
             flushes,
             flush_waiters,
@@ -295,12 +456,113 @@ impl Node {
 
     /// Flush counters of this node's group-commit flusher.
     pub fn flush_stats(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
         let s = self.store.flusher().stats();
         (
             s.flushes.load(Ordering::Relaxed),
             s.completions.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// The node's id: kept from its data directory, taken from the config, or
+/// given by the cluster it joins (see the module doc).
+async fn resolve_identity(
+    config: &NodeConfig,
+    store: &NodeStore,
+    channels: &PeerChannels,
+) -> Result<NodeId, ServerError> {
+    if let Some(id) = store.node_fact(NODE_ID_FACT)? {
+        if config.id != 0 && config.id != id {
+            return Err(ServerError::Config(format!(
+                "this data directory belongs to node {id}, not --id {}",
+                config.id
+            )));
+        }
+        return Ok(id);
+    }
+    let legacy = store.node_fact(LEGACY_GROUPS_FACT)?.is_some();
+    let id = if legacy {
+        if config.id == 0 {
+            return Err(ServerError::Config(
+                "this data directory was written by an earlier version: give its node's --id"
+                    .into(),
+            ));
+        }
+        config.id
+    } else if !config.peers.is_empty() {
+        config.id
+    } else if !config.join.is_empty() {
+        let (id, cluster) = join_cluster(config, channels).await?;
+        store.set_node_fact(CLUSTER_ID_FACT, cluster)?;
+        id
+    } else {
+        return Err(ServerError::Config(
+            "a new node needs --peers (to bootstrap a cluster) or --join (to join one)".into(),
+        ));
+    };
+    store.set_node_fact(NODE_ID_FACT, id)?;
+    Ok(id)
+}
+
+/// Registers this node with the cluster behind `config.join` (any node
+/// forwards it to the meta leader); returns its id and the cluster's.
+async fn join_cluster(
+    config: &NodeConfig,
+    channels: &PeerChannels,
+) -> Result<(NodeId, u64), ServerError> {
+    use palisade_proto::v1::admin_client::AdminClient;
+    let req = pb::JoinNodeRequest {
+        node_id: config.id,
+        addr: config.advertise_addr(),
+        region: config.region.clone(),
+        zone: config.zone.clone(),
+        read_replica: config.learner,
+        read_groups: config.read_groups.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let mut attempt = 0usize;
+    loop {
+        let addr = &config.join[attempt % config.join.len()];
+        attempt += 1;
+        let result = async {
+            let channel = channels.connector().channel(addr)?;
+            let mut client = AdminClient::new(channel);
+            let mut request = tonic::Request::new(req.clone());
+            request.set_timeout(config.peer_timeout);
+            Ok::<_, ServerError>(
+                tokio::time::timeout(config.peer_timeout, client.join_node(request)).await,
+            )
+        }
+        .await;
+        let why = match result {
+            Ok(Ok(Ok(resp))) => {
+                let r = resp.into_inner();
+                tracing::info!(node = r.node_id, cluster = r.cluster_id, via = %addr, "joined the cluster");
+                return Ok((r.node_id, r.cluster_id));
+            }
+            Ok(Ok(Err(status)))
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                return Err(ServerError::Config(format!(
+                    "the cluster at {addr} refused to register this node: {}",
+                    status.message()
+                )));
+            }
+            Ok(Ok(Err(status))) => status.message().to_string(),
+            Ok(Err(_)) => "no answer in time".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ServerError::Config(format!(
+                "could not join the cluster at {}: {why}",
+                config.join.join(",")
+            )));
+        }
+        tracing::warn!(via = %addr, error = %why, "joining the cluster failed; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -314,15 +576,13 @@ fn spawn_history_retention(node: &Arc<Node>) {
     }
     let slack = (retention / 10).max(1);
     let weak = Arc::downgrade(node);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
+    node.tasks.spawn("history retention", move |mut shutdown| async move {
+        while shutdown.sleep(Duration::from_secs(1)).await {
             let Some(node) = weak.upgrade() else { return };
-            for id in node.shard.groups() {
-                let Some(group) = node.groups.get(&id) else {
+            for (id, group) in node.registry.all() {
+                if id == META_GROUP {
                     continue;
-                };
+                }
                 let state = group.state();
                 let target = state.revision().saturating_sub(retention);
                 if !group.is_leader() || target < state.compacted() + slack {
@@ -357,10 +617,26 @@ fn write_bytes() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
+fn raft_role(role: palisade_group::RaftRole) -> pb::RaftRole {
+    use palisade_group::RaftRole as R;
+    match role {
+        R::Leader => pb::RaftRole::Leader,
+        R::Follower => pb::RaftRole::Follower,
+        R::Candidate => pb::RaftRole::Candidate,
+        R::Learner => pb::RaftRole::Learner,
+        R::Shutdown => pb::RaftRole::Shutdown,
+    }
+}
+
+fn replica_status(map: &ClusterMap, st: &ReplicaState) -> pb::ReplicaStatus {
+    // Member ids are replica ids; the API speaks of nodes.
+    let node_of = |r: ReplicaId| {
+        map.node_of(st.group, r)
+            .unwrap_or(if map.is_bootstrapped() { 0 } else { r })
+    };
     pb::ReplicaStatus {
         node_id: st.node,
-        role: st.role.to_string(),
+        role: raft_role(st.role) as i32,
         term: st.term,
         last_log_index: st.last_log_index,
         commit_index: st.commit_index,
@@ -368,9 +644,9 @@ fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
         snapshot_index: st.snapshot_index,
         purged_index: st.purged_index,
         snapshots_installed: st.snapshots_installed,
-        voters: st.voters.clone(),
+        voters: st.voters.iter().map(|r| node_of(*r)).collect(),
         key_count: st.key_count,
-        learners: st.learners.clone(),
+        learners: st.learners.iter().map(|r| node_of(*r)).collect(),
         compact_revision: st.compacted,
         lag: 0,
         history_records: st.history_records,
@@ -378,9 +654,14 @@ fn replica_status(st: &ReplicaState) -> pb::ReplicaStatus {
             .matched
             .iter()
             .map(|(id, index)| pb::Progress {
-                node_id: *id,
+                node_id: node_of(*id),
                 matched_index: *index,
+                replica_id: *id,
             })
             .collect(),
+        replica_id: st.replica,
+        revision: st.revision,
+        owned_slots: st.owned_slots.unwrap_or(0) as u32,
+        serves_all: st.owned_slots.is_none(),
     }
 }

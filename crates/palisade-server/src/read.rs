@@ -53,9 +53,16 @@ impl ReadParams {
         at_revision: u64,
         group: u64,
     ) -> Result<Self, ServerError> {
-        let level = ReadConsistency::try_from(level).map_err(|_| {
-            ServerError::InvalidArgument(format!("unknown read consistency {level}"))
-        })?;
+        let level = match ReadConsistency::try_from(level) {
+            // Unset in the request: the default.
+            Ok(ReadConsistency::Unspecified) => ReadConsistency::Linearizable,
+            Ok(l) => l,
+            Err(_) => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "unknown read consistency {level}"
+                )));
+            }
+        };
         if level == ReadConsistency::BoundedStaleness && max_staleness_ms == 0 {
             return Err(ServerError::InvalidArgument(
                 "BOUNDED_STALENESS needs max_staleness_ms > 0".into(),
@@ -116,22 +123,23 @@ pub async fn prepare(
     node: &Node,
     group: &RaftGroup,
     params: &ReadParams,
-) -> Result<Receipt, GroupError> {
+) -> Result<Receipt, ReadRefusal> {
     let read_timeout = node.config.read_timeout;
     if params.at > 0 {
         // Exact as of `at`, wherever it is served.
         let receipt = Receipt::exact(params.level);
         if !group
-            .wait_applied(params.at, node.config.session_wait)
+            .wait_revision(params.at, node.config.session_wait)
             .await
             && !group.is_leader()
         {
-            return Err(go_to_leader(group));
+            return Err(go_to_leader(group).into());
         }
         return Ok(receipt);
     }
     let receipt = match params.level {
-        ReadConsistency::Linearizable => {
+        // `parse` turns an unset level into the default.
+        ReadConsistency::Linearizable | ReadConsistency::Unspecified => {
             group.read_index(read_timeout).await?;
             Receipt::exact(ReadConsistency::Linearizable)
         }
@@ -152,22 +160,47 @@ pub async fn prepare(
     };
     if group.state().revision() < params.required {
         let wait = node.config.session_wait;
-        if !group.wait_applied(params.required, wait).await {
+        if !group.wait_revision(params.required, wait).await {
             return Err(if group.is_leader() {
-                GroupError::NoQuorum {
-                    group: group.id(),
-                    reason: format!(
-                        "this replica has applied revision {} < {} required by the read after waiting {wait:?}",
-                        group.state().revision(),
-                        params.required
-                    ),
+                ReadRefusal::NotReached {
+                    required: params.required,
+                    current: group.state().revision(),
                 }
             } else {
-                go_to_leader(group)
+                ReadRefusal::Group(go_to_leader(group))
             });
         }
     }
     Ok(receipt)
+}
+
+/// Why a replica did not serve a read.
+#[derive(Debug)]
+pub enum ReadRefusal {
+    /// Redirect or retry (not leader, no quorum).
+    Group(GroupError),
+    /// The leader itself has not reached the revision the read needs.
+    NotReached { required: u64, current: u64 },
+}
+
+impl From<GroupError> for ReadRefusal {
+    fn from(e: GroupError) -> Self {
+        ReadRefusal::Group(e)
+    }
+}
+
+impl ReadRefusal {
+    /// As a server error of `group`.
+    pub fn into_error(self, group: u64) -> ServerError {
+        match self {
+            ReadRefusal::Group(e) => ServerError::Group(e),
+            ReadRefusal::NotReached { required, current } => ServerError::RevisionNotReached {
+                group,
+                required,
+                current,
+            },
+        }
+    }
 }
 
 /// BOUNDED_STALENESS: fetch the leader's read index at t0, wait to apply it;
@@ -180,7 +213,7 @@ async fn bounded(node: &Node, group: &RaftGroup, max: Duration) -> Result<Receip
     // and applied here, no round trip is needed.
     if let Some((t0, index)) = node.cached_read_index(group.id())
         && t0.elapsed() < max / 2
-        && group.state().revision() >= index
+        && group.state().applied_index() >= index
     {
         return Ok(Receipt {
             level: ReadConsistency::BoundedStaleness,
@@ -213,7 +246,7 @@ async fn leader_read_index(
     timeout: Duration,
 ) -> Result<u64, GroupError> {
     match group.leader() {
-        Some((id, _)) if id == node.id() => group.leader_read_index(timeout).await,
+        Some((id, _)) if id == group.replica_id() => group.leader_read_index(timeout).await,
         Some((id, Some(addr))) => {
             let unreachable = |why: String| GroupError::NoQuorum {
                 group: group.id(),
@@ -221,7 +254,7 @@ async fn leader_read_index(
             };
             let channel = node
                 .channels
-                .get(id, &addr)
+                .get(&addr)
                 .map_err(|e| unreachable(e.to_string()))?;
             let mut req = tonic::Request::new(pb::ReadIndexRequest {
                 group_id: group.id(),
@@ -230,11 +263,11 @@ async fn leader_read_index(
             match tokio::time::timeout(timeout, PeerClient::new(channel).read_index(req)).await {
                 Ok(Ok(r)) => Ok(r.into_inner().index),
                 Ok(Err(status)) => {
-                    node.channels.drop_channel(id);
+                    node.channels.drop_channel(&addr);
                     Err(unreachable(status.message().to_string()))
                 }
                 Err(_) => {
-                    node.channels.drop_channel(id);
+                    node.channels.drop_channel(&addr);
                     Err(unreachable(format!("no answer within {timeout:?}")))
                 }
             }
@@ -280,6 +313,12 @@ mod tests {
     #[test]
     fn params_are_validated() {
         assert!(ReadParams::parse(99, 0, None, 0, 0, 1).is_err());
+        let unset = ReadParams::parse(0, 0, None, 0, 0, 1).unwrap();
+        assert_eq!(
+            unset.level,
+            ReadConsistency::Linearizable,
+            "an unset level reads linearizably"
+        );
         let e = ReadParams::parse(ReadConsistency::BoundedStaleness as i32, 0, None, 0, 0, 1)
             .unwrap_err();
         assert!(e.to_string().contains("max_staleness_ms"));

@@ -60,9 +60,13 @@ pub fn request_id(id: Option<&pb::RequestId>) -> Result<Option<RequestId>, Serve
     }))
 }
 
-/// Converts a write's ack level.
+/// Converts a write's ack level (unset: MAJORITY).
 pub fn write_ack(ack: i32) -> Result<pb::WriteAck, ServerError> {
-    pb::WriteAck::try_from(ack).map_err(|_| invalid(format!("unknown write ack level {ack}")))
+    match pb::WriteAck::try_from(ack) {
+        Ok(pb::WriteAck::Unspecified) => Ok(pb::WriteAck::Majority),
+        Ok(a) => Ok(a),
+        Err(_) => Err(invalid(format!("unknown write ack level {ack}"))),
+    }
 }
 
 /// Converts an optional fence.
@@ -131,6 +135,7 @@ fn compare(limits: &Limits, c: &pb::Compare, at: &str) -> Result<Compare, Server
     let target = Target::try_from(c.target)
         .map_err(|_| invalid(format!("{at}: unknown target {}", c.target)))?;
     let op = match Op::try_from(c.op).map_err(|_| invalid(format!("{at}: unknown op {}", c.op)))? {
+        Op::Unspecified => return Err(invalid(format!("{at}: the compare's op is not set"))),
         Op::Equal => CompareOp::Equal,
         Op::NotEqual => CompareOp::NotEqual,
         Op::Less => CompareOp::Less,
@@ -153,6 +158,9 @@ fn compare(limits: &Limits, c: &pb::Compare, at: &str) -> Result<Compare, Server
                 )));
             }
             CompareTarget::Exists(*v)
+        }
+        (Target::Unspecified, _) => {
+            return Err(invalid(format!("{at}: the compare's target is not set")));
         }
         (t, _) => {
             return Err(invalid(format!(

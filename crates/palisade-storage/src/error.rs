@@ -2,8 +2,9 @@
 
 use thiserror::Error;
 
-/// Errors from the storage layer. All but `Compacted` and `FutureRevision`
-/// (a read asked for a revision this replica cannot serve) are
+/// Errors from the storage layer. All but `Compacted`, `FutureRevision`
+/// (a read asked for a revision this replica cannot serve) and `NotOwned`
+/// (a key of a slot this group does not serve) are
 /// environmental (disk, corruption): a node that hits one must stop serving
 /// the affected group rather than diverge from its replicas.
 #[derive(Debug, Error)]
@@ -12,6 +13,10 @@ pub enum StoreError {
     Compacted { requested: u64, oldest: u64 },
     #[error("revision {requested} is in the future; this replica has applied {current}")]
     FutureRevision { requested: u64, current: u64 },
+    /// The group does not serve this key's slot (it moved away, or is being
+    /// moved in and not committed yet).
+    #[error("this group does not serve slot {slot}{}", moved_to.map(|g| format!(" (it moved to group {g})")).unwrap_or_default())]
+    NotOwned { slot: u16, moved_to: Option<u64> },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
     #[error("encoding a record: {0}")]

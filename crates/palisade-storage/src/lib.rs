@@ -11,8 +11,11 @@
 //!   - `g{g}/state`: the replicated key-value state (see [`state`]);
 //!   - `g{g}/snap`: the last snapshot this replica built or installed.
 //!
-//!   A node-level `node` tree records facts fixed at bootstrap (e.g. the
-//!   number of data groups).
+//!   The `raft` tree also records which replica (Raft member id) of the
+//!   group the node holds ([`ReplicaRecord`]). A node-level `node` tree
+//!   records facts about the node itself (its id, its cluster's id; data
+//!   written before the cluster map also recorded the number of data
+//!   groups there).
 //! - [`Flusher`]: **group commit**. One flusher thread per node collects the
 //!   appends of *all* groups that wait for durability and covers them with a
 //!   single `fdatasync` of the log.
@@ -41,6 +44,7 @@ pub mod error;
 pub mod flush;
 pub mod keys;
 pub mod log;
+pub mod ownership;
 pub mod snapshot;
 pub mod state;
 pub mod wal;
@@ -50,6 +54,7 @@ use std::path::Path;
 pub use error::StoreError;
 pub use flush::{FlushMode, FlushStats, Flusher};
 pub use log::LogStore;
+pub use ownership::Ownership;
 pub use snapshot::SnapshotStore;
 pub use state::{
     KeyEntry, KeyHistory, KeyRecord, LeaseRecord, LockRecord, PastVersion, RawRecord, ScanResult,
@@ -60,6 +65,21 @@ pub use wal::Wal;
 /// Default bound on sled's page cache: sled's own default is 1 GiB, far too
 /// much for a node that may run next to four others on a laptop.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Key of the replica record in a group's `raft` tree.
+const REPLICA: &str = "replica";
+
+/// Which replica of a group a node's storage holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaRecord {
+    /// The replica's Raft member id (0: written before replica ids existed,
+    /// which means the node's own id).
+    pub replica: u64,
+    /// The group's epoch in the cluster map when this node first opened the
+    /// replica: the map proves the replica removed only once the group's
+    /// epoch is past this and the replica is no longer listed.
+    pub added_epoch: u64,
+}
 
 /// The node's sled database and write-ahead log, plus the group-commit
 /// flusher.
@@ -136,6 +156,77 @@ impl NodeStore {
         Ok(())
     }
 
+    /// The replica of `group` this node's storage holds, if it holds one.
+    pub fn replica_record(&self, group: u64) -> Result<Option<ReplicaRecord>, StoreError> {
+        let name = format!("g{group}/raft");
+        if !self.has_tree(&name) {
+            return Ok(None);
+        }
+        let tree = self.db.open_tree(name)?;
+        match tree.get(REPLICA)? {
+            Some(v) => Ok(Some(error::decode(&v)?)),
+            // Written before replica ids existed: the node's own id.
+            None if tree.get("vote")?.is_some() => Ok(Some(ReplicaRecord {
+                replica: 0,
+                added_epoch: 0,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// Records (durably) which replica of `group` this node's storage holds.
+    pub fn set_replica_record(&self, group: u64, record: &ReplicaRecord) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(format!("g{group}/raft"))?;
+        tree.insert(REPLICA, error::encode(record)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Groups this node has storage for, ascending.
+    pub fn stored_groups(&self) -> Vec<u64> {
+        let mut groups: Vec<u64> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| {
+                let name = std::str::from_utf8(n).ok()?;
+                name.strip_prefix('g')?.strip_suffix("/raft")?.parse().ok()
+            })
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    }
+
+    fn has_tree(&self, name: &str) -> bool {
+        self.db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+    }
+
+    /// Deletes everything this node stores for `group`: its log entries,
+    /// vote, state and snapshot. The group must be closed. Idempotent; a
+    /// crash half-way leaves a group that the next call finishes deleting
+    /// (the caller only deletes replicas the cluster map has removed).
+    pub fn destroy_group(&self, group: u64) -> Result<(), StoreError> {
+        self.wal.truncate(group, 0)?;
+        self.wal
+            .sync()
+            .map_err(|e| StoreError::Flush(e.to_string()))?;
+        // The `raft` tree (vote, replica id) goes last: while it exists the
+        // group is still listed by `stored_groups`, so an interrupted
+        // deletion is finished later.
+        for tree in ["state", "snap", "log", "raft"] {
+            let name = format!("g{group}/{tree}");
+            if self.has_tree(&name) {
+                self.db.drop_tree(name)?;
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Bytes sled and the log occupy on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()? + self.wal.size_on_disk())
@@ -148,5 +239,45 @@ impl NodeStore {
             .map_err(|e| StoreError::Flush(e.to_string()))?;
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destroyed_group_leaves_nothing_behind_even_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+            for g in [1u64, 3] {
+                store.wal.append(g, &[(1, vec![1]), (2, vec![2])]).unwrap();
+                let state = store.state_tree(g).unwrap();
+                let mut b = state.batch();
+                b.put(b"k", b"v".to_vec(), 2).unwrap();
+                b.set_applied(2);
+                b.commit().unwrap();
+                state.persist().unwrap();
+                let record = ReplicaRecord {
+                    replica: 1_048_576 + g,
+                    added_epoch: 4,
+                };
+                store.set_replica_record(g, &record).unwrap();
+                assert_eq!(store.replica_record(g).unwrap(), Some(record));
+            }
+            assert_eq!(store.stored_groups(), vec![1, 3]);
+            store.destroy_group(3).unwrap();
+            store.destroy_group(3).unwrap();
+            assert_eq!(store.stored_groups(), vec![1]);
+            assert_eq!(store.replica_record(3).unwrap(), None);
+            store.flush().unwrap();
+        }
+        let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.stored_groups(), vec![1]);
+        assert_eq!(store.wal.bounds(3), None, "the log entries stay deleted");
+        assert_eq!(store.wal.bounds(1), Some((1, 2)));
+        assert_eq!(store.state_tree(3).unwrap().get(b"k").unwrap().0, None);
+        assert!(store.state_tree(1).unwrap().get(b"k").unwrap().0.is_some());
     }
 }

@@ -42,15 +42,23 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use palisade_shard::{LeaseHome, Slot, SlotSet, lease_home, slot_of};
+
 use crate::StoreError;
 use crate::error::{decode, encode};
 use crate::keys::{
-    decode_history_key, decode_lease_key, decode_user_key, dedup_key, history_end, history_key,
-    history_prefix, lease_key, lock_key, meta_key, user_key, user_keys_end,
+    DEDUP, HISTORY, LEASE, LOCK, USER, decode_history_key, decode_lease_key, decode_user_key,
+    dedup_key, history_end, history_key, history_prefix, lease_key, lock_key, meta_key, user_key,
+    user_keys_end,
 };
+use crate::ownership::Ownership;
 
 /// Meta record holding the compaction point.
 const COMPACTED: &str = "compacted";
+/// Meta record holding the group's slot ownership (absent: serves all).
+const OWNERSHIP: &str = "ownership";
+/// Meta record holding the revision offset: revision = log index + offset.
+const REV_OFFSET: &str = "rev_offset";
 
 /// A raw record of the state tree: encoded key and value.
 pub type RawRecord = (Vec<u8>, Vec<u8>);
@@ -141,11 +149,15 @@ const PERSIST_RECORDS: usize = 512;
 const PERSIST_BYTES: usize = 256 * 1024;
 
 /// Committed records not yet written to sled: encoded key → value (`None`:
-/// deleted).
+/// deleted). The lock around it also publishes the group's slot ownership,
+/// so a read checks ownership and reads data as of the same commit.
 #[derive(Default)]
 struct Pending {
     records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     bytes: usize,
+    /// `None`: no ownership record (a group from before the cluster map):
+    /// every key is served.
+    ownership: Option<Arc<Ownership>>,
 }
 
 impl Pending {
@@ -163,11 +175,45 @@ pub struct StateTree {
     /// to sled could see half a transaction. Commits take it for writing,
     /// reads for reading.
     pending: Arc<RwLock<Pending>>,
-    /// Log index of the last applied entry (the group's revision), published
-    /// under the `pending` lock together with the batch that applied it.
+    /// The group's revision: the last applied entry's log index plus the
+    /// revision offset. Published under the `pending` lock together with
+    /// the batch that applied it.
     revision: Arc<AtomicU64>,
+    /// Log index of the last applied entry, published like `revision`.
+    applied: Arc<AtomicU64>,
+    /// The revision offset (see [`StateBatch::set_rev_offset`]).
+    offset: Arc<AtomicU64>,
     /// The compaction point, published like `revision`.
     compacted: Arc<AtomicU64>,
+}
+
+/// Where a record of the state tree belongs when slots move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordHome {
+    /// A key's record, history, a lock, or a lease of this slot.
+    Slot(Slot),
+    /// A request-deduplication result (copied to every importer).
+    Dedup,
+    /// Group metadata, or a lease of an earlier version (stays).
+    Group,
+}
+
+fn record_home(encoded: &[u8]) -> RecordHome {
+    match encoded.first() {
+        Some(&USER) => decode_user_key(encoded).map_or(RecordHome::Group, |k| {
+            RecordHome::Slot(slot_of(k))
+        }),
+        Some(&HISTORY) => decode_history_key(encoded).map_or(RecordHome::Group, |(k, _)| {
+            RecordHome::Slot(slot_of(&k))
+        }),
+        Some(&LOCK) => RecordHome::Slot(slot_of(&encoded[1..])),
+        Some(&LEASE) => match decode_lease_key(encoded).and_then(lease_home) {
+            Some(LeaseHome::Slot(s)) => RecordHome::Slot(s),
+            _ => RecordHome::Group,
+        },
+        Some(&DEDUP) => RecordHome::Dedup,
+        _ => RecordHome::Group,
+    }
 }
 
 impl StateTree {
@@ -176,16 +222,72 @@ impl StateTree {
             tree: db.open_tree(format!("g{group}/state"))?,
             pending: Arc::new(RwLock::new(Pending::default())),
             revision: Arc::new(AtomicU64::new(0)),
+            applied: Arc::new(AtomicU64::new(0)),
+            offset: Arc::new(AtomicU64::new(0)),
             compacted: Arc::new(AtomicU64::new(0)),
         };
-        state.load_compacted()?;
+        state.load_published(&mut state.write_pending())?;
         Ok(state)
     }
 
-    fn load_compacted(&self) -> Result<(), StoreError> {
-        let c: u64 = self.meta(COMPACTED)?.unwrap_or(0);
+    /// Loads the published meta records (compaction point, revision offset,
+    /// ownership) from the stored state.
+    fn load_published(&self, pending: &mut Pending) -> Result<(), StoreError> {
+        let c: u64 = self.decoded(pending, &meta_key(COMPACTED))?.unwrap_or(0);
         self.compacted.store(c, Ordering::Release);
+        let o: u64 = self.decoded(pending, &meta_key(REV_OFFSET))?.unwrap_or(0);
+        self.offset.store(o, Ordering::Release);
+        let ownership: Option<Ownership> = self.decoded(pending, &meta_key(OWNERSHIP))?;
+        if let Some(own) = &ownership
+            && !(own.owned.is_well_formed()
+                && own.frozen.is_well_formed()
+                && own.staged.is_well_formed())
+        {
+            return Err(StoreError::Corrupt {
+                what: "the slot ownership record has the wrong size".into(),
+            });
+        }
+        pending.ownership = ownership.map(Arc::new);
         Ok(())
+    }
+
+    /// The group's slot ownership (`None`: it serves every key, as groups
+    /// written before the cluster map did).
+    pub fn ownership(&self) -> Option<Arc<Ownership>> {
+        self.read_pending().ownership.clone()
+    }
+
+    /// Fails unless the group serves `key`'s slot (and, for a read at
+    /// revision `at` > 0, answered for it at `at`).
+    fn check_serves(&self, pending: &Pending, slot: Slot, at: u64) -> Result<(), StoreError> {
+        let Some(own) = &pending.ownership else {
+            return Ok(());
+        };
+        if !own.serves(slot) {
+            return Err(StoreError::NotOwned {
+                slot,
+                moved_to: own.moved_to.get(&slot).copied(),
+            });
+        }
+        let since = own.since(slot);
+        if at > 0 && at < since {
+            return Err(StoreError::Compacted {
+                requested: at,
+                oldest: since,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a scan at `at` (0: latest) includes `key`.
+    fn scan_includes(pending: &Pending, key: &[u8], at: u64) -> bool {
+        match &pending.ownership {
+            None => true,
+            Some(own) => {
+                let slot = slot_of(key);
+                own.serves(slot) && (at == 0 || at >= own.since(slot))
+            }
+        }
     }
 
     fn read_pending(&self) -> RwLockReadGuard<'_, Pending> {
@@ -244,7 +346,8 @@ impl StateTree {
             }
         }
         self.tree.apply_batch(batch)?;
-        *pending = Pending::default();
+        pending.records.clear();
+        pending.bytes = 0;
         Ok(())
     }
 
@@ -278,19 +381,34 @@ impl StateTree {
         Ok(())
     }
 
-    /// The revision (applied log index) the state currently reflects.
+    /// The revision the state currently reflects: the applied log index
+    /// plus the revision offset.
     pub fn revision(&self) -> u64 {
         self.revision.load(Ordering::Acquire)
     }
 
-    /// Sets the published revision (at start-up, from the durable applied id).
-    pub fn set_revision(&self, revision: u64) {
-        self.revision.store(revision, Ordering::Release);
+    /// The log index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Revision minus log index (see [`StateBatch::set_rev_offset`]).
+    pub fn rev_offset(&self) -> u64 {
+        self.offset.load(Ordering::Acquire)
+    }
+
+    /// Publishes `index` as the applied log index (at start-up, from the
+    /// durable applied id), and the revision it stands for.
+    pub fn set_applied(&self, index: u64) {
+        self.applied.store(index, Ordering::Release);
+        self.revision
+            .store(index + self.rev_offset(), Ordering::Release);
     }
 
     /// Reads the latest record of `key`, with the revision it was read at.
     pub fn get(&self, key: &[u8]) -> Result<(Option<KeyRecord>, u64), StoreError> {
         let pending = self.read_pending();
+        self.check_serves(&pending, slot_of(key), 0)?;
         let record = self.decoded(&pending, &user_key(key))?;
         Ok((record, self.revision()))
     }
@@ -303,6 +421,7 @@ impl StateTree {
         }
         let pending = self.read_pending();
         self.check_readable(at)?;
+        self.check_serves(&pending, slot_of(key), at)?;
         let latest: Option<KeyRecord> = self.decoded(&pending, &user_key(key))?;
         if let Some(r) = latest
             && r.mod_revision <= at
@@ -328,6 +447,7 @@ impl StateTree {
     /// current one (or its tombstone).
     pub fn history(&self, key: &[u8]) -> Result<KeyHistory, StoreError> {
         let pending = self.read_pending();
+        self.check_serves(&pending, slot_of(key), 0)?;
         let prefix = history_prefix(key);
         let mut versions = Vec::new();
         for item in self.range(&pending, prefix.clone(), prefix_end(&prefix)) {
@@ -420,7 +540,9 @@ impl StateTree {
                 (None, Some(v)) => decode::<PastVersion>(&v)?.into_record(),
                 (None, None) => None,
             };
-            if let Some(r) = record {
+            if let Some(r) = record
+                && Self::scan_includes(&pending, &key, at)
+            {
                 if records.len() == limit {
                     return Ok(ScanResult {
                         records,
@@ -441,6 +563,9 @@ impl StateTree {
     /// A lease record.
     pub fn lease(&self, id: u64) -> Result<Option<LeaseRecord>, StoreError> {
         let pending = self.read_pending();
+        if let Some(LeaseHome::Slot(slot)) = lease_home(id) {
+            self.check_serves(&pending, slot, 0)?;
+        }
         self.decoded(&pending, &lease_key(id))
     }
 
@@ -454,7 +579,13 @@ impl StateTree {
             let id = decode_lease_key(&k).ok_or_else(|| StoreError::Corrupt {
                 what: "malformed lease key".into(),
             })?;
-            out.push((id, decode(&v)?));
+            let served = match lease_home(id) {
+                Some(LeaseHome::Slot(slot)) => self.check_serves(&pending, slot, 0).is_ok(),
+                _ => true,
+            };
+            if served {
+                out.push((id, decode(&v)?));
+            }
         }
         Ok(out)
     }
@@ -462,6 +593,7 @@ impl StateTree {
     /// A lock record, with the revision it was read at.
     pub fn lock(&self, name: &[u8]) -> Result<(Option<LockRecord>, u64), StoreError> {
         let pending = self.read_pending();
+        self.check_serves(&pending, slot_of(name), 0)?;
         let record = self.decoded(&pending, &lock_key(name))?;
         Ok((record, self.revision()))
     }
@@ -512,7 +644,9 @@ impl StateTree {
             let key = decode_user_key(&k).ok_or_else(|| StoreError::Corrupt {
                 what: "non-user record inside the user key range".into(),
             })?;
-            out.push((key.to_vec(), decode(&v)?));
+            if Self::scan_includes(pending, key, 0) {
+                out.push((key.to_vec(), decode(&v)?));
+            }
         }
         Ok((out, false))
     }
@@ -528,8 +662,10 @@ impl StateTree {
         StateBatch {
             state: self,
             overlay: BTreeMap::new(),
-            revision: None,
+            applied: None,
             compacted: None,
+            offset: None,
+            ownership: None,
         }
     }
 
@@ -542,11 +678,7 @@ impl StateTree {
     }
 
     /// Replaces the whole state with `records` (from a snapshot), atomically.
-    pub fn import(
-        &self,
-        records: Vec<(Vec<u8>, Vec<u8>)>,
-        revision: u64,
-    ) -> Result<(), StoreError> {
+    pub fn import(&self, records: Vec<(Vec<u8>, Vec<u8>)>, index: u64) -> Result<(), StoreError> {
         let mut pending = self.write_pending();
         *pending = Pending::default();
         let mut batch = sled::Batch::default();
@@ -558,10 +690,8 @@ impl StateTree {
             batch.insert(k, v);
         }
         self.tree.apply_batch(batch)?;
-        self.set_revision(revision);
-        // Not `load_compacted`: it would take the lock held here.
-        let c: u64 = self.decoded(&pending, &meta_key(COMPACTED))?.unwrap_or(0);
-        self.compacted.store(c, Ordering::Release);
+        self.load_published(&mut pending)?;
+        self.set_applied(index);
         Ok(())
     }
 
@@ -570,10 +700,46 @@ impl StateTree {
         let pending = self.read_pending();
         let mut n = 0;
         for item in self.range(&pending, user_key(b""), user_keys_end()) {
-            item?;
-            n += 1;
+            let (k, _) = item?;
+            if decode_user_key(&k).is_some_and(|key| Self::scan_includes(&pending, key, 0)) {
+                n += 1;
+            }
         }
         Ok(n)
+    }
+
+    /// Up to `max_bytes` (at least one record) of the records a move of
+    /// `slots` carries, from encoded key `from` on: the keys' records and
+    /// history, their locks and leases, and every deduplication result.
+    /// Returns them with the key to continue from (`None`: done). Read
+    /// atomically per call; the caller freezes the slots first, so their
+    /// records do not change between calls.
+    pub fn export_slots(
+        &self,
+        slots: &SlotSet,
+        from: &[u8],
+        max_bytes: usize,
+    ) -> Result<(Vec<RawRecord>, Option<Vec<u8>>), StoreError> {
+        let pending = self.read_pending();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.range(&pending, from.to_vec(), vec![0xff; 9]) {
+            let (k, v) = item?;
+            let wanted = match record_home(&k) {
+                RecordHome::Slot(s) => slots.contains(s),
+                RecordHome::Dedup => true,
+                RecordHome::Group => false,
+            };
+            if !wanted {
+                continue;
+            }
+            if bytes >= max_bytes && !out.is_empty() {
+                return Ok((out, Some(k)));
+            }
+            bytes += k.len() + v.len();
+            out.push((k, v));
+        }
+        Ok((out, None))
     }
 }
 
@@ -688,10 +854,14 @@ pub struct StateBatch<'a> {
     state: &'a StateTree,
     /// Encoded key → new encoded value (`None`: delete).
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Revision to publish once the batch is committed.
-    revision: Option<u64>,
+    /// Applied log index to publish once the batch is committed.
+    applied: Option<u64>,
     /// Compaction point to publish once the batch is committed.
     compacted: Option<u64>,
+    /// Revision offset to publish once the batch is committed.
+    offset: Option<u64>,
+    /// Ownership to publish once the batch is committed.
+    ownership: Option<Arc<Ownership>>,
 }
 
 /// Records read by [`StateTree::scan`].
@@ -936,9 +1106,93 @@ impl StateBatch<'_> {
         Ok(())
     }
 
-    /// Publishes `revision` as the group's revision when the batch commits.
-    pub fn set_revision(&mut self, revision: u64) {
-        self.revision = Some(revision);
+    /// Publishes `index` as the applied log index when the batch commits
+    /// (and `index` plus the revision offset as the revision).
+    pub fn set_applied(&mut self, index: u64) {
+        self.applied = Some(index);
+    }
+
+    /// The revision offset as this batch would leave it.
+    pub fn rev_offset(&self) -> u64 {
+        self.offset.unwrap_or_else(|| self.state.rev_offset())
+    }
+
+    /// Sets the revision offset: from here on an entry at log index `i`
+    /// applies at revision `i + offset`. It only grows, so revisions stay
+    /// unique and increasing; a group that imports slots raises it past the
+    /// source's revisions, so the moved keys' revisions (and fencing tokens)
+    /// keep increasing in their new group.
+    pub fn set_rev_offset(&mut self, offset: u64) -> Result<(), StoreError> {
+        debug_assert!(offset >= self.rev_offset(), "the revision offset only grows");
+        self.offset = Some(offset);
+        self.set_meta(REV_OFFSET, &offset)
+    }
+
+    /// The slot ownership as this batch would leave it.
+    pub fn ownership(&self) -> Option<Arc<Ownership>> {
+        self.ownership
+            .clone()
+            .or_else(|| self.state.read_pending().ownership.clone())
+    }
+
+    /// Replaces the slot ownership (published when the batch commits).
+    pub fn set_ownership(&mut self, ownership: Ownership) -> Result<(), StoreError> {
+        self.set_meta(OWNERSHIP, &ownership)?;
+        self.ownership = Some(Arc::new(ownership));
+        Ok(())
+    }
+
+    /// Deletes every record a move of `slots` carries (keys, history,
+    /// locks, leases; not deduplication results, which other slots may
+    /// need). Returns how many records it deleted.
+    pub fn delete_slots(&mut self, slots: &SlotSet) -> Result<usize, StoreError> {
+        let doomed: Vec<Vec<u8>> = {
+            let pending = self.state.read_pending();
+            let mut keys = Vec::new();
+            for item in self.state.range(&pending, Vec::new(), vec![0xff; 9]) {
+                let (k, _) = item?;
+                if matches!(record_home(&k), RecordHome::Slot(s) if slots.contains(s)) {
+                    keys.push(k);
+                }
+            }
+            keys
+        };
+        let staged: Vec<Vec<u8>> = self
+            .overlay
+            .iter()
+            .filter(|(k, v)| {
+                v.is_some() && matches!(record_home(k), RecordHome::Slot(s) if slots.contains(s))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let n = doomed.len();
+        for k in doomed.into_iter().chain(staged) {
+            self.overlay.insert(k, None);
+        }
+        Ok(n)
+    }
+
+    /// Writes records exported by [`StateTree::export_slots`] elsewhere.
+    /// Deduplication results already present here are kept.
+    pub fn import_records(&mut self, records: Vec<RawRecord>) -> Result<(), StoreError> {
+        for (k, v) in records {
+            match record_home(&k) {
+                RecordHome::Slot(_) => {
+                    self.overlay.insert(k, Some(v));
+                }
+                RecordHome::Dedup => {
+                    if self.raw_get(&k)?.is_none() {
+                        self.overlay.insert(k, Some(v));
+                    }
+                }
+                RecordHome::Group => {
+                    return Err(StoreError::Corrupt {
+                        what: "a slot import carried a group record".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes every staged write visible at once. They reach sled, in one
@@ -949,8 +1203,14 @@ impl StateBatch<'_> {
             pending.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
             pending.records.insert(k, v);
         }
-        if let Some(revision) = self.revision {
-            self.state.set_revision(revision);
+        if let Some(o) = self.ownership {
+            pending.ownership = Some(o);
+        }
+        if let Some(o) = self.offset {
+            self.state.offset.store(o, Ordering::Release);
+        }
+        if let Some(index) = self.applied {
+            self.state.set_applied(index);
         }
         if let Some(c) = self.compacted {
             self.state.compacted.store(c, Ordering::Release);
@@ -965,6 +1225,7 @@ impl StateBatch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use palisade_shard::{SlotSet, slot_of};
 
     fn tree() -> (tempfile::TempDir, StateTree) {
         let dir = tempfile::tempdir().unwrap();
@@ -1018,7 +1279,7 @@ mod tests {
         for k in [b"a", b"b", b"c"] {
             b.put(k, b"v1".to_vec(), 1).unwrap();
         }
-        b.set_revision(1);
+        b.set_applied(1);
         b.commit().unwrap();
         t.persist().unwrap();
         assert_eq!(t.pending_records(), 0);
@@ -1029,7 +1290,7 @@ mod tests {
         b.put(b"a", b"v2".to_vec(), 2).unwrap();
         b.delete(b"b", 2).unwrap();
         b.put(b"d", b"v2".to_vec(), 2).unwrap();
-        b.set_revision(2);
+        b.set_applied(2);
         b.commit().unwrap();
         assert!(t.pending_records() > 0);
 
@@ -1116,7 +1377,7 @@ mod tests {
         for i in 0..(PERSIST_RECORDS as u64) {
             let mut b = t.batch();
             b.put(&i.to_be_bytes(), vec![1; 16], i + 1).unwrap();
-            b.set_revision(i + 1);
+            b.set_applied(i + 1);
             b.commit().unwrap();
         }
         assert!(
@@ -1162,7 +1423,7 @@ mod tests {
                 b.delete(key, rev).unwrap();
             }
         }
-        b.set_revision(rev);
+        b.set_applied(rev);
         b.commit().unwrap();
     }
 
@@ -1309,7 +1570,7 @@ mod tests {
         b.delete(b"k", 2).unwrap();
         b.put(b"k", b"new".to_vec(), 2).unwrap();
         b.put(b"k", b"newer".to_vec(), 2).unwrap();
-        b.set_revision(2);
+        b.set_applied(2);
         b.commit().unwrap();
         let h = t.history(b"k").unwrap();
         let revs: Vec<(u64, Option<Vec<u8>>)> = h
@@ -1392,7 +1653,7 @@ mod tests {
         let mut b = t.batch();
         b.put(b"x", b"1".to_vec(), 3).unwrap();
         b.set_meta("applied", &3u64).unwrap();
-        b.set_revision(3);
+        b.set_applied(3);
         b.commit().unwrap();
         assert_eq!(t.revision(), 3);
         let copy = t.export().unwrap();
@@ -1403,5 +1664,128 @@ mod tests {
         t2.import(copy.clone(), 3).unwrap();
         assert_eq!(t2.export().unwrap(), copy);
         assert_eq!(t2.get(b"stale").unwrap(), (None, 3));
+    }
+
+    /// Keys whose slots are in `slots`, out of `n` candidates `k0..`.
+    fn keys_in(slots: &SlotSet, n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("k{i}").into_bytes())
+            .filter(|k| slots.contains_key(k))
+            .collect()
+    }
+
+    #[test]
+    fn reads_answer_only_for_owned_slots_and_scans_skip_the_rest() {
+        let (_d, t) = tree();
+        for i in 0..40 {
+            write(&t, i + 1, format!("k{i}").as_bytes(), Some(b"v"));
+        }
+        let mine = SlotSet::of((0..40).map(|i| slot_of(format!("k{i}").as_bytes())).take(20));
+        let owned_keys = keys_in(&mine, 40);
+        let other = (0..40)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| !mine.contains_key(k))
+            .unwrap();
+        // Without a record every key is served (a group from before the map).
+        assert!(t.get(&other).unwrap().0.is_some());
+        let mut b = t.batch();
+        let mut own = Ownership::of(mine.clone());
+        own.moved_to.insert(slot_of(&other), 7);
+        b.set_ownership(own).unwrap();
+        b.set_applied(41);
+        b.commit().unwrap();
+        match t.get(&other) {
+            Err(StoreError::NotOwned { moved_to, .. }) => assert_eq!(moved_to, Some(7)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(t.get_at(&other, 40), Err(StoreError::NotOwned { .. })));
+        assert!(matches!(t.history(&other), Err(StoreError::NotOwned { .. })));
+        assert!(matches!(t.lock(&other), Err(StoreError::NotOwned { .. })));
+        let scan = t.scan(b"", None, 1000).unwrap();
+        let scanned: Vec<Vec<u8>> = scan.records.into_iter().map(|(k, _)| k).collect();
+        let mut want = owned_keys.clone();
+        want.sort();
+        assert_eq!(scanned, want);
+        assert_eq!(t.scan_at(b"", None, 1000, 30).unwrap().records.len(), {
+            // at 30 only k0..k29 existed
+            owned_keys
+                .iter()
+                .filter(|k| String::from_utf8_lossy(&k[1..]).parse::<u64>().unwrap() < 30)
+                .count()
+        });
+        assert_eq!(t.user_key_count().unwrap(), owned_keys.len());
+        // The record survives a reopen of the tree.
+        let t2 = StateTree::open(&sled::Config::new().temporary(true).open().unwrap(), 1).unwrap();
+        assert!(t2.ownership().is_none());
+        assert_eq!(t.ownership().unwrap().owned, mine);
+    }
+
+    #[test]
+    fn slot_records_export_import_and_delete_with_their_history_locks_and_leases() {
+        let (_d, src) = tree();
+        for i in 0..30 {
+            write(&src, 2 * i + 1, format!("k{i}").as_bytes(), Some(b"one"));
+            write(&src, 2 * i + 2, format!("k{i}").as_bytes(), Some(b"two"));
+        }
+        let moving = SlotSet::of((0..30).map(|i| slot_of(format!("k{i}").as_bytes())).take(10));
+        let moved = keys_in(&moving, 30);
+        let lock_name = moved[0].clone();
+        let moved_lease = palisade_shard::lease_id(slot_of(&moved[0]), 5);
+        let staying_lease = palisade_shard::lease_id(4095, 6);
+        let legacy_lease = (1u64 << 48) | 9;
+        let mut b = src.batch();
+        b.lock_put(&lock_name, &LockRecord { lease: moved_lease, token: 33, term: 1 }).unwrap();
+        for id in [moved_lease, staying_lease, legacy_lease] {
+            b.lease_put(id, &LeaseRecord { ttl_ms: 1000, ..LeaseRecord::default() }).unwrap();
+        }
+        b.dedup_put(5, 1, vec![1]);
+        b.set_applied(61);
+        b.commit().unwrap();
+        // Export in small chunks, as a move does.
+        let mut cursor = Vec::new();
+        let mut records = Vec::new();
+        let mut chunks = 0;
+        loop {
+            let (chunk, next) = src.export_slots(&moving, &cursor, 64).unwrap();
+            records.extend(chunk);
+            chunks += 1;
+            match next {
+                Some(k) => cursor = k,
+                None => break,
+            }
+        }
+        assert!(chunks > 3, "{chunks} chunks");
+        let (_d2, dst) = tree();
+        write(&dst, 1, b"theirs", Some(b"x"));
+        let mut b = dst.batch();
+        b.dedup_put(5, 1, vec![2]);
+        b.import_records(records).unwrap();
+        let mut own = Ownership::of(SlotSet::of([slot_of(b"theirs")]));
+        own.owned.union_with(&moving);
+        b.set_ownership(own).unwrap();
+        b.set_rev_offset(100).unwrap();
+        b.set_applied(2);
+        b.commit().unwrap();
+        assert_eq!(dst.revision(), 102, "the offset lifts the revision");
+        assert_eq!(dst.applied_index(), 2);
+        for k in &moved {
+            let h = dst.history(k).unwrap();
+            assert_eq!(h.versions.len(), 2, "history moves with the key");
+            assert_eq!(h.versions[1].record.as_ref().unwrap().value, b"two");
+        }
+        assert_eq!(dst.lock(&lock_name).unwrap().0.unwrap().token, 33);
+        assert!(dst.lease(moved_lease).unwrap().is_some());
+        assert!(dst.lease(staying_lease).is_err(), "not this group's slot");
+        assert_eq!(dst.leases().unwrap().len(), 1);
+        assert_eq!(dst.batch().dedup_get(5, 1).unwrap(), Some(vec![2]), "kept");
+        // The source deletes what moved, keeps the rest.
+        let mut b = src.batch();
+        let deleted = b.delete_slots(&moving).unwrap();
+        b.commit().unwrap();
+        assert_eq!(deleted, moved.len() * 2 + 2, "records, history, a lock, a lease");
+        assert_eq!(src.user_key_count().unwrap(), 30 - moved.len());
+        assert!(src.lease(legacy_lease).unwrap().is_some());
+        assert!(src.lease(staying_lease).unwrap().is_some());
+        assert!(src.batch().dedup_get(5, 1).unwrap().is_some());
     }
 }

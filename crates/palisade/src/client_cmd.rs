@@ -188,7 +188,7 @@ pub enum ClusterOp {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Add a running node (started with `palisade start --learner`, or any
+    /// Register a node (started with `palisade start --learner`, or any
     /// fresh node) as a read replica of some data groups (default: all).
     AddLearner {
         id: u64,
@@ -198,6 +198,86 @@ pub enum ClusterOp {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Change the number of data groups of the hash keyspace; slots move
+    /// between groups online (writes to a moving slot wait a moment).
+    /// Returns once recorded; `cluster status` shows the progress.
+    SetGroups {
+        groups: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Hand GROUP's leadership to its replica on NODE (writes to the group
+    /// pause for about one election timeout).
+    TransferLeader {
+        group: u64,
+        node: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub op: NodeOp,
+}
+
+#[derive(Subcommand)]
+pub enum NodeOp {
+    /// Move every replica off a live node, then mark it removed (it may be
+    /// stopped afterwards). Returns once recorded; `cluster status` shows
+    /// the progress.
+    Drain {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a dead node: its groups are re-replicated from the other
+    /// replicas, then it is marked removed and never rejoins under its id.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let (id, dead, conn) = match args.op {
+        NodeOp::Drain { id, conn } => (id, false, conn),
+        NodeOp::Remove { id, conn } => (id, true, conn),
+    };
+    let client = conn.client().await?;
+    let r = client.drain_node(id, dead).await?;
+    let state = pb::NodeState::try_from(r.state)
+        .map(node_state_name)
+        .unwrap_or("unknown");
+    println!(
+        "node {id} is {state} (map epoch {}); its replicas move to the other nodes — watch `palisade cluster status`",
+        r.map_epoch
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_state_name(s: pb::NodeState) -> &'static str {
+    match s {
+        pb::NodeState::Unspecified => "-",
+        pb::NodeState::Joining => "joining",
+        pb::NodeState::Serving => "serving",
+        pb::NodeState::Draining => "draining",
+        pb::NodeState::Removed => "removed",
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::RaftRole::try_from(role) {
+        Ok(pb::RaftRole::Leader) => "leader",
+        Ok(pb::RaftRole::Follower) => "follower",
+        Ok(pb::RaftRole::Candidate) => "candidate",
+        Ok(pb::RaftRole::Learner) => "learner",
+        Ok(pb::RaftRole::Shutdown) => "shutdown",
+        Ok(pb::RaftRole::Unreachable) => "unreachable",
+        _ => "-",
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -472,25 +552,64 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         } => {
             let client = conn.client().await?;
             let joined = client.add_learner(id, &addr, &groups).await?;
-            println!("node {id} ({addr}) is a learner of groups {joined:?}");
+            println!("node {id} ({addr}) is registered as a learner of groups {joined:?}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterOp::SetGroups { groups, conn } => {
+            let client = conn.client().await?;
+            let r = client.set_groups(groups).await?;
+            println!(
+                "the hash keyspace is moving to {} data groups (map epoch {}); watch `palisade cluster status`",
+                r.groups, r.map_epoch
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterOp::TransferLeader { group, node, conn } => {
+            let client = conn.client().await?;
+            let r = client.transfer_leader(group, node).await?;
+            println!(
+                "group {group} is led by node {} (term {})",
+                r.leader_id, r.term
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
+    let map = s.map.clone().unwrap_or_default();
     serde_json::json!({
         "data_groups": s.data_groups,
+        "map_epoch": map.epoch,
+        "cluster_id": map.cluster_id,
+        "replication": map.replication,
+        "target_groups": map.target_groups,
+        "moving": map.moving.as_ref().map(|m| serde_json::json!({
+            "id": m.id, "from": m.from_group, "to": m.to_group, "slots": m.slots,
+            "slot_count": m.slot_count, "phase": m.phase,
+        })),
         "nodes": s.nodes.iter().map(|n| serde_json::json!({
             "id": n.id, "addr": n.addr, "reachable": n.reachable, "error": n.error,
+            "state": pb::NodeState::try_from(n.state).map(node_state_name).unwrap_or("-"),
+            "region": n.region, "zone": n.zone, "read_replica": n.read_replica,
             "flushes": n.flushes, "flush_waiters": n.flush_waiters,
+        })).collect::<Vec<_>>(),
+        "map_groups": map.groups.iter().map(|g| serde_json::json!({
+            "id": g.id, "epoch": g.epoch, "slots": g.slots, "change": g.change,
+            "replicas": g.replicas.iter().map(|r| serde_json::json!({
+                "replica_id": r.replica_id, "node_id": r.node_id,
+                "role": if r.role == pb::ReplicaRole::Voter as i32 { "voter" } else { "learner" },
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "groups": s.groups.iter().map(|g| serde_json::json!({
             "group_id": g.group_id,
             "leader_id": g.leader_id,
             "term": g.term,
+            "epoch": g.epoch,
+            "slots": g.slots,
             "replicas": g.replicas.iter().map(|r| serde_json::json!({
-                "node_id": r.node_id, "role": r.role, "term": r.term,
+                "node_id": r.node_id, "replica_id": r.replica_id,
+                "role": role_name(r.role), "term": r.term, "revision": r.revision,
                 "last_log_index": r.last_log_index, "commit_index": r.commit_index,
                 "applied_index": r.applied_index, "snapshot_index": r.snapshot_index,
                 "purged_index": r.purged_index, "snapshots_installed": r.snapshots_installed,
@@ -502,30 +621,103 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
     })
 }
 
-/// The status as a fixed-width table.
+/// The status as fixed-width tables: nodes, the map's groups, and every
+/// replica's Raft state.
 pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    let map = s.map.clone().unwrap_or_default();
     let _ = writeln!(
         out,
-        "NODE  ADDRESS                 FSYNCS    WAITS     STATE"
+        "cluster {:016x}  map epoch {}  {} data groups (target {})  {} voters per group",
+        map.cluster_id,
+        map.epoch,
+        s.data_groups,
+        map.target_groups,
+        map.replication
+    );
+    if let Some(m) = &map.moving {
+        let _ = writeln!(
+            out,
+            "moving {} slots ({}) from group {} to group {}: {}",
+            m.slot_count, m.slots, m.from_group, m.to_group, m.phase
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "NODE  ADDRESS                 STATE     REGION/ZONE   REPLICAS  LEADS  FSYNCS    REACHABLE"
     );
     for n in &s.nodes {
-        let state = if n.reachable {
+        let state = pb::NodeState::try_from(n.state)
+            .map(node_state_name)
+            .unwrap_or("-");
+        let state = if n.read_replica {
+            format!("{state}*")
+        } else {
+            state.to_string()
+        };
+        let place = if n.region.is_empty() && n.zone.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{}/{}", n.region, n.zone)
+        };
+        let replicas = map
+            .groups
+            .iter()
+            .filter(|g| g.replicas.iter().any(|r| r.node_id == n.id))
+            .count();
+        let leads = s.groups.iter().filter(|g| g.leader_id == n.id).count();
+        let reach = if n.reachable {
             "up".to_string()
         } else {
             format!("DOWN ({})", n.error)
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<23} {:<9} {:<9} {}",
-            n.id, n.addr, n.flushes, n.flush_waiters, state
+            "{:<5} {:<23} {:<9} {:<13} {:<9} {:<6} {:<9} {}",
+            n.id, n.addr, state, place, replicas, leads, n.flushes, reach
+        );
+    }
+    if s.nodes.iter().any(|n| n.read_replica) {
+        let _ = writeln!(out, "(* a read replica: learners only)");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "GROUP  EPOCH  SLOTS  VOTERS          LEARNERS   CHANGE");
+    for g in &map.groups {
+        let nodes = |voter: bool| {
+            let ids: Vec<String> = g
+                .replicas
+                .iter()
+                .filter(|r| (r.role == pb::ReplicaRole::Voter as i32) == voter)
+                .map(|r| r.node_id.to_string())
+                .collect();
+            if ids.is_empty() {
+                "-".to_string()
+            } else {
+                ids.join(",")
+            }
+        };
+        let name = if g.id == 0 {
+            "0 meta".to_string()
+        } else {
+            g.id.to_string()
+        };
+        let _ = writeln!(
+            out,
+            "{:<6} {:<6} {:<6} {:<15} {:<10} {}",
+            name,
+            g.epoch,
+            if g.id == 0 { "-".to_string() } else { g.slots.to_string() },
+            nodes(true),
+            nodes(false),
+            if g.change.is_empty() { "-" } else { &g.change }
         );
     }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "GROUP  LEADER  TERM  NODE  ROLE       LAST_LOG  COMMIT  APPLIED  LAG     SNAPSHOT  KEYS"
+        "GROUP  LEADER  TERM  NODE  ROLE        LAST_LOG  COMMIT  APPLIED  LAG     REVISION  KEYS"
     );
     for g in &s.groups {
         let name = if g.group_id == 0 {
@@ -546,17 +738,17 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<6} {:<7} {:<5} {:<5} {:<10} {:<9} {:<7} {:<8} {:<7} {:<9} {}",
+                "{:<6} {:<7} {:<5} {:<5} {:<11} {:<9} {:<7} {:<8} {:<7} {:<9} {}",
                 gname,
                 lead,
                 term,
                 r.node_id,
-                r.role,
+                role_name(r.role),
                 r.last_log_index,
                 r.commit_index,
                 r.applied_index,
                 r.lag,
-                r.snapshot_index,
+                r.revision,
                 r.key_count
             );
         }

@@ -44,8 +44,11 @@ enum Command {
     Scan(client_cmd::ScanArgs),
     /// Transactions (compare-and-swap).
     Txn(client_cmd::TxnArgs),
-    /// Cluster-wide commands.
+    /// Cluster-wide commands: status, group count, leader transfer,
+    /// learners, compaction.
     Cluster(client_cmd::ClusterArgs),
+    /// Node membership: drain a live node, remove a dead one.
+    Node(client_cmd::NodeArgs),
     /// Leases: grant, keepalive, revoke, ttl.
     Lease(client_cmd::LeaseArgs),
     /// Hold a lock (with a kept-alive lease) while running a command; the
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
             Command::Scan(args) => client_cmd::scan(args).await,
             Command::Txn(args) => client_cmd::txn(args).await,
             Command::Cluster(args) => client_cmd::cluster(args).await,
+            Command::Node(args) => client_cmd::node(args).await,
             Command::Lease(args) => client_cmd::lease(args).await,
             Command::Lock(args) => client_cmd::lock(args).await,
             Command::Bench(BenchCmd {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -10,34 +11,50 @@ use palisade_server::{Node, NodeConfig, parse_peers};
 
 #[derive(Args)]
 pub struct StartArgs {
-    /// This node's id (1 or more); must appear in --peers.
-    #[arg(long, env = "PALISADE_ID")]
+    /// This node's id (1 or more). Required with --peers; with --join the
+    /// cluster picks one when it is not given. A data directory remembers
+    /// its node's id.
+    #[arg(long, env = "PALISADE_ID", default_value_t = 0)]
     pub id: u64,
     /// Address to listen on, e.g. 127.0.0.1:7001.
     #[arg(long, env = "PALISADE_LISTEN")]
     pub listen: SocketAddr,
-    /// Every node of the initial cluster as ID=HOST:PORT, comma-separated,
-    /// this node included (its entry is the address others use to reach it).
-    /// Not used with --learner.
-    #[arg(long, env = "PALISADE_PEERS", value_parser = parse_peers_arg, required_unless_present = "learner")]
+    /// Bootstrap a new cluster: every node of it as ID=HOST:PORT,
+    /// comma-separated, this node included (its entry is the address others
+    /// use to reach it). Every node of the new cluster gets the same list.
+    #[arg(long, env = "PALISADE_PEERS", value_parser = parse_peers_arg, conflicts_with = "join")]
     pub peers: Option<std::collections::BTreeMap<u64, String>>,
-    /// Start as a read replica: a non-voting learner that joins the cluster
-    /// reachable at --join and serves SESSION, BOUNDED_STALENESS, STALE and
-    /// at-revision reads locally.
-    #[arg(long, env = "PALISADE_LEARNER", requires = "join")]
-    pub learner: bool,
-    /// With --learner: addresses of some nodes of the cluster to join,
-    /// comma-separated (any one that answers will do).
+    /// Join a running cluster through any of these nodes (comma-separated
+    /// HOST:PORT). The node starts with no replicas; the cluster moves some
+    /// to it once it has joined.
     #[arg(long, env = "PALISADE_JOIN", value_delimiter = ',')]
     pub join: Vec<String>,
+    /// With --join: join as a read replica, a non-voting learner of the
+    /// data groups (see --learner-groups) that serves SESSION,
+    /// BOUNDED_STALENESS, STALE and at-revision reads locally.
+    #[arg(long, env = "PALISADE_LEARNER", requires = "join")]
+    pub learner: bool,
     /// With --learner: the data groups to replicate, comma-separated
     /// (default: all).
     #[arg(long, env = "PALISADE_LEARNER_GROUPS", value_delimiter = ',')]
     pub learner_groups: Vec<u64>,
-    /// With --learner: the address other nodes and clients reach this node
-    /// at (default: --listen).
+    /// The address other nodes and clients reach this node at (default:
+    /// its --peers entry, else --listen).
     #[arg(long, env = "PALISADE_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Placement labels: voters of a group go to distinct zones when they
+    /// can.
+    #[arg(long, env = "PALISADE_REGION", default_value = "")]
+    pub region: String,
+    #[arg(long, env = "PALISADE_ZONE", default_value = "")]
+    pub zone: String,
+    /// Voters per data group, chosen when the cluster is bootstrapped.
+    #[arg(long, env = "PALISADE_REPLICAS", default_value_t = palisade_server::config::DEFAULT_REPLICAS)]
+    pub replicas: u32,
+    /// How long a node may be unreachable before the cluster re-creates its
+    /// replicas on the others (e.g. 300s, 5m).
+    #[arg(long, env = "PALISADE_DOWN_AFTER", default_value = "5m", value_parser = parse_duration)]
+    pub down_after: Duration,
     /// MVCC history kept per group, in revisions; older history is
     /// compacted automatically (0: keep everything until `cluster compact`).
     #[arg(long, env = "PALISADE_HISTORY_RETENTION", default_value_t = palisade_server::config::DEFAULT_HISTORY_RETENTION)]
@@ -70,6 +87,25 @@ fn parse_peers_arg(s: &str) -> Result<std::collections::BTreeMap<u64, String>, S
     parse_peers(s)
 }
 
+/// Parses `500ms`, `30s`, `5m` or a number of seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s or 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
@@ -94,27 +130,19 @@ pub async fn run(args: StartArgs) -> anyhow::Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let peers = match (&args.peers, args.learner) {
-        (_, true) => {
-            let advertise = args
-                .advertise
-                .clone()
-                .unwrap_or_else(|| args.listen.to_string());
-            std::collections::BTreeMap::from([(args.id, advertise)])
-        }
-        (Some(p), false) => p.clone(),
-        (None, false) => anyhow::bail!("--peers is required (unless --learner)"),
-    };
+    let peers = args.peers.clone().unwrap_or_default();
     let mut config = NodeConfig::new(args.id, args.listen, peers, args.data_dir);
     config.data_groups = args.groups;
+    config.replicas = args.replicas;
+    config.join = args.join.clone();
     config.learner = args.learner;
+    config.read_groups = args.learner_groups.clone();
+    config.region = args.region.clone();
+    config.zone = args.zone.clone();
+    config.coordinator.down_after = args.down_after;
     config.history_retention = args.history_retention;
-    let join = args.join.clone();
-    if args.learner {
-        // A learner hosts the cluster's groups: ask how many there are.
-        config.data_groups = cluster_data_groups(&join)
-            .await
-            .with_context(|| format!("cannot reach the cluster to join at {}", join.join(",")))?;
+    if let Some(a) = &args.advertise {
+        config.advertise = a.clone();
     }
     config.snapshot_every = args.snapshot_every;
     config.keep_logs = args.keep_logs;
@@ -129,117 +157,10 @@ pub async fn run(args: StartArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let learner = config
-        .learner
-        .then(|| (config.id, config.advertise_addr().to_string()));
+    // A joining node asks the cluster for its id while opening; the cluster
+    // starts replicating to it once it serves, so both run at once.
     let node = Node::open(config).await.context("cannot open the node")?;
-    let serving = node.serve(listener, shutdown_signal());
-    let Some((id, addr)) = learner else {
-        serving.await?;
-        node.shutdown().await;
-        return Ok(ExitCode::SUCCESS);
-    };
-    // Serve first: the leaders start replicating as soon as the membership
-    // change commits.
-    tokio::pin!(serving);
-    let register = register_learner(&join, id, &addr, &args.learner_groups);
-    tokio::select! {
-        r = &mut serving => {
-            r?;
-            node.shutdown().await;
-            return Ok(ExitCode::SUCCESS);
-        }
-        r = register => {
-            if let Err(e) = r {
-                node.shutdown().await;
-                return Err(e.context(format!(
-                    "cannot join the cluster at {} as a learner",
-                    join.join(",")
-                )));
-            }
-        }
-    }
-    serving.await?;
+    node.serve(listener, shutdown_signal()).await?;
     node.shutdown().await;
     Ok(ExitCode::SUCCESS)
-}
-
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
-/// The number of data groups of the cluster at `join` (the first node that
-/// answers).
-async fn cluster_data_groups(join: &[String]) -> anyhow::Result<u64> {
-    use palisade_proto::v1::admin_client::AdminClient;
-    let mut last = anyhow::anyhow!("no --join address given");
-    for addr in join {
-        let attempt = async {
-            let mut client = AdminClient::connect(endpoint(addr)).await?;
-            let status = client
-                .cluster_status(palisade_proto::v1::ClusterStatusRequest {})
-                .await?
-                .into_inner();
-            anyhow::Ok(u64::from(status.data_groups))
-        };
-        match attempt.await {
-            Ok(n) => return Ok(n),
-            Err(e) => last = e.context(format!("asking {addr}")),
-        }
-    }
-    Err(last)
-}
-
-/// Asks the cluster to add this node as a learner, retrying for a while
-/// (leaders may be in an election).
-async fn register_learner(
-    join: &[String],
-    id: u64,
-    addr: &str,
-    groups: &[u64],
-) -> anyhow::Result<()> {
-    use palisade_proto::v1::admin_client::AdminClient;
-    anyhow::ensure!(!join.is_empty(), "--join needs at least one address");
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut round = 0usize;
-    loop {
-        let target = &join[round % join.len()];
-        round += 1;
-        let attempt = async {
-            let mut client = AdminClient::connect(endpoint(target)).await?;
-            let r = client
-                .add_learner(palisade_proto::v1::AddLearnerRequest {
-                    node_id: id,
-                    addr: addr.to_string(),
-                    group_ids: groups.to_vec(),
-                })
-                .await?;
-            anyhow::Ok(r.into_inner().group_ids)
-        };
-        match attempt.await {
-            Ok(joined) => {
-                tracing::info!(?joined, "joined the cluster as a learner");
-                return Ok(());
-            }
-            Err(e) => {
-                let permanent = e.downcast_ref::<tonic::Status>().is_some_and(|s| {
-                    matches!(
-                        s.code(),
-                        tonic::Code::InvalidArgument
-                            | tonic::Code::NotFound
-                            | tonic::Code::FailedPrecondition
-                    )
-                });
-                if permanent || tokio::time::Instant::now() > deadline {
-                    return Err(e);
-                }
-                tracing::warn!(error = %e, "joining as a learner failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    }
 }

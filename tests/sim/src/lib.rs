@@ -643,7 +643,7 @@ pub async fn run_registered_node(config: NodeConfig) -> Result<(), Box<dyn std::
                 e.len() != before
             });
             if asked {
-                for group in control.groups().values() {
+                for (_, group) in control.groups() {
                     let _ = group.raft().trigger().elect().await;
                 }
             }
@@ -676,6 +676,7 @@ impl Invariants {
         });
         for (id, inc, node) in live {
             for (gid, group) in node.groups() {
+                let gid = &gid;
                 // Never hold the metrics borrow across an await (none here).
                 let m = group.raft().metrics().borrow().clone();
                 if let Some(applied) = m.last_applied {

@@ -1,0 +1,1039 @@
+//! The coordinator: on the meta group's leader, it keeps the cluster in the
+//! shape the map asks for. Every node runs the task; only the meta leader's
+//! acts, so after a failover the new meta leader picks up where the old one
+//! stopped: everything it does is recorded in the map *before* it is
+//! carried out, and every step is idempotent.
+//!
+//! Each tick (`CoordinatorTimings::interval`):
+//! 1. **Bootstrap.** With no map yet, write the first one: from `--peers` for
+//!    a new cluster, or derived from the groups' layout for a data directory
+//!    written before the map existed (nothing moves).
+//! 2. **Observe.** Probe every node (`NodeStatus`): who answers, who leads
+//!    which group, which groups still lack an ownership record (those get
+//!    their slots `Adopt`ed). A node that has not answered for
+//!    `--down-after` is *down*.
+//! 3. **Resume.** Drive every recorded replica change and the recorded slot
+//!    move (a task each; see [`drive_change`] and [`drive_move`]).
+//! 4. **Plan.** Ask `palisade_shard::plan` for the next actions and record
+//!    them (at most `max_concurrent_changes` replica changes at once, one
+//!    slot move, one leader transfer).
+//!
+//! A replica change runs: (leader moved off a replica that leaves) → add the
+//! new replica as a learner → wait until it has caught up → one
+//! joint-consensus change of the voter set (never below a majority: the new
+//! voter joins as the old one leaves) → remove a leaving learner → record
+//! it finished. openraft users report groups stuck in joint configurations
+//! when changes overlap, so a group has one change at a time and the next
+//! starts only once the committed membership equals the effective one.
+//!
+//! Leader transfer (openraft 0.9 has none): the other voters' elections are
+//! paused, the leader stops proposing and heartbeating, the followers'
+//! leader lease (`election_timeout_max`) lapses, and the target campaigns.
+//! Writes to the group wait about a second; LEASE reads stay safe because a
+//! voter grants no vote while its lease from the old leader holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_group::{Command, CommandOp, GroupId, SlotCommand};
+use palisade_proto::v1 as pb;
+use palisade_proto::v1::peer_client::PeerClient;
+use palisade_shard::{
+    Action, ClusterMap, MapCommand, MapResult, MovePhase, NodeId, NodeState,
+    Observation, Policy, ReplicaChange, Role, SlotSet, plan,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::manage::{GroupReport, ManageError, ManageReply, ManageRequest};
+use crate::node::Node;
+use crate::router::Peer;
+
+/// Bytes of slot records per import entry.
+const IMPORT_CHUNK_BYTES: u64 = 512 * 1024;
+/// Consecutive failures of a slot move before it is rolled back (only
+/// possible before its hand-off).
+const MOVE_ATTEMPTS_BEFORE_ROLLBACK: u32 = 30;
+
+/// Starts the coordinator task.
+pub(crate) fn spawn(node: &Arc<Node>) {
+    let weak = Arc::downgrade(node);
+    let interval = node.config.coordinator.interval;
+    node.tasks().spawn("coordinator", move |mut shutdown| async move {
+        let mut state = Coordinator::default();
+        while shutdown.sleep(interval).await {
+            let Some(node) = weak.upgrade() else { return };
+            let term = node
+                .meta()
+                .filter(|m| m.is_leader())
+                .map(|m| m.raft().metrics().borrow().current_term);
+            match term {
+                Some(term) => state.tick(&node, term).await,
+                None => state.stand_down(),
+            }
+        }
+        state.stand_down();
+    });
+}
+
+/// Work in flight, per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Job {
+    Change(GroupId),
+    Move(u64),
+    Transfer(GroupId),
+}
+
+/// The coordinator's memory; reset whenever this node stops leading.
+#[derive(Default)]
+struct Coordinator {
+    /// The meta term this memory belongs to, and when it began.
+    term: Option<(u64, Instant)>,
+    last_seen: BTreeMap<NodeId, Instant>,
+    /// Groups known to have an ownership record.
+    adopted: BTreeSet<GroupId>,
+    jobs: BTreeMap<Job, JoinHandle<()>>,
+    /// When each group's leadership was last transferred.
+    transferred: BTreeMap<GroupId, Instant>,
+}
+
+impl Coordinator {
+    fn stand_down(&mut self) {
+        for (_, job) in std::mem::take(&mut self.jobs) {
+            job.abort();
+        }
+        self.term = None;
+        self.last_seen.clear();
+        self.adopted.clear();
+    }
+
+    async fn tick(&mut self, node: &Arc<Node>, term: u64) {
+        if self.term.map(|(t, _)| t) != Some(term) {
+            self.stand_down();
+            self.term = Some((term, Instant::now()));
+        }
+        self.jobs.retain(|_, j| !j.is_finished());
+        let map = node.map();
+        if !map.is_bootstrapped() {
+            if let Err(e) = bootstrap_map(node).await {
+                tracing::warn!(error = %e, "writing the first cluster map failed; retrying");
+            }
+            return;
+        }
+        let obs = self.observe(node, &map).await;
+        self.adopt(node, &map, &obs).await;
+        self.resume(node, &map);
+        self.act(node, &map, &obs).await;
+    }
+
+    /// Probes every node; returns what the planner needs.
+    async fn observe(&mut self, node: &Arc<Node>, map: &ClusterMap) -> Observed {
+        let since = self.term.map_or_else(Instant::now, |(_, t)| t);
+        let timeout = node.config.coordinator.interval.max(Duration::from_millis(300)) * 2;
+        let targets: Vec<(NodeId, String)> = map
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state != NodeState::Removed)
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        let probes = futures::future::join_all(
+            targets
+                .iter()
+                .map(|(id, addr)| probe(node, *id, addr, timeout)),
+        )
+        .await;
+        let now = Instant::now();
+        let mut obs = Observation::default();
+        let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
+        let mut serves_all = BTreeSet::new();
+        for ((id, _), status) in targets.iter().zip(probes) {
+            match status {
+                Some(status) => {
+                    self.last_seen.insert(*id, now);
+                    obs.alive.insert(*id);
+                    for g in status.groups {
+                        let Some(r) = g.replica else { continue };
+                        if r.role == pb::RaftRole::Leader as i32 {
+                            let seen = leaders.entry(g.group_id).or_insert((r.term, *id));
+                            if r.term >= seen.0 {
+                                *seen = (r.term, *id);
+                            }
+                            if r.serves_all {
+                                serves_all.insert(g.group_id);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let last = *self.last_seen.entry(*id).or_insert(since);
+                    if now.duration_since(last) > node.config.coordinator.down_after {
+                        obs.down.insert(*id);
+                    }
+                }
+            }
+        }
+        obs.leaders = leaders.into_iter().map(|(g, (_, n))| (g, n)).collect();
+        Observed { obs, serves_all }
+    }
+
+    /// Gives every data group without an ownership record the slots the
+    /// map routes to it (groups from before the map, new ones).
+    async fn adopt(&mut self, node: &Arc<Node>, map: &ClusterMap, observed: &Observed) {
+        for g in map.data_groups() {
+            if self.adopted.contains(&g) {
+                continue;
+            }
+            if !observed.serves_all.contains(&g) {
+                if observed.obs.leaders.contains_key(&g) {
+                    self.adopted.insert(g);
+                }
+                continue;
+            }
+            let moving = map
+                .moving
+                .as_ref()
+                .is_some_and(|m| m.from == g || m.to == g);
+            if moving {
+                continue;
+            }
+            let slots = map.slots_of(g);
+            match propose_slots(node, g, SlotCommand::Adopt { slots }).await {
+                Ok(_) => {
+                    tracing::info!(group = g, "group adopted its slots");
+                    self.adopted.insert(g);
+                }
+                Err(e) => tracing::debug!(group = g, error = %e, "adopting slots failed"),
+            }
+        }
+    }
+
+    /// Starts a task for every recorded change without one.
+    fn resume(&mut self, node: &Arc<Node>, map: &ClusterMap) {
+        for (g, info) in &map.groups {
+            if info.change.is_some() {
+                self.start(Job::Change(*g), drive_change(node.clone(), *g));
+            }
+        }
+        if let Some(m) = &map.moving {
+            self.start(Job::Move(m.id), drive_move(node.clone(), m.id));
+        }
+    }
+
+    fn start<F>(&mut self, job: Job, work: F)
+    where
+        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        if self.jobs.contains_key(&job) {
+            return;
+        }
+        let handle = tokio::spawn(async move {
+            if let Err(e) = work.await {
+                tracing::info!(?job, error = %e, "coordinator step failed; it is retried");
+            }
+        });
+        self.jobs.insert(job, handle);
+    }
+
+    /// Records the planner's next actions.
+    async fn act(&mut self, node: &Arc<Node>, map: &ClusterMap, observed: &Observed) {
+        let policy = Policy {
+            max_move_slots: node.config.coordinator.max_move_slots,
+        };
+        let mut changes = map.groups.values().filter(|g| g.change.is_some()).count();
+        for action in plan(map, &observed.obs, &policy) {
+            let cmd = match action {
+                Action::MarkServing(n) => set_state(n, NodeState::Serving),
+                Action::MarkDraining(n) => {
+                    tracing::warn!(node = n, "node down too long: draining it");
+                    set_state(n, NodeState::Draining)
+                }
+                Action::MarkRemoved(n) => set_state(n, NodeState::Removed),
+                Action::ChangeReplicas(spec) => {
+                    if changes >= node.config.coordinator.max_concurrent_changes {
+                        continue;
+                    }
+                    changes += 1;
+                    MapCommand::BeginReplicaChange {
+                        group: spec.group,
+                        add: spec.add,
+                        remove: spec.remove,
+                        promote: spec.promote,
+                        demote: spec.demote,
+                    }
+                }
+                Action::TransferLeader { group, to } => {
+                    let cooling = self.transferred.get(&group).is_some_and(|t| {
+                        t.elapsed() < node.config.coordinator.transfer_cooldown
+                    });
+                    let busy = self
+                        .jobs
+                        .keys()
+                        .any(|j| matches!(j, Job::Transfer(_)));
+                    if !cooling && !busy {
+                        self.transferred.insert(group, Instant::now());
+                        let n = node.clone();
+                        self.start(Job::Transfer(group), async move {
+                            transfer_leader(&n, group, to).await
+                        });
+                    }
+                    continue;
+                }
+                Action::CreateGroup { nodes } => MapCommand::CreateGroup { nodes },
+                Action::BeginMove { slots, from, to } => MapCommand::BeginMove { slots, from, to },
+                Action::DropGroup(group) => MapCommand::DropGroup { group },
+            };
+            match propose_map(node, cmd.clone()).await {
+                Ok(r) => tracing::info!(command = ?summary(&cmd), result = ?r, "cluster map changed"),
+                Err(e) => tracing::debug!(command = ?summary(&cmd), error = %e, "cluster map change refused"),
+            }
+        }
+    }
+}
+
+/// What one round of probes saw.
+struct Observed {
+    obs: Observation,
+    /// Groups whose leader has no ownership record yet.
+    serves_all: BTreeSet<GroupId>,
+}
+
+fn set_state(node: NodeId, state: NodeState) -> MapCommand {
+    MapCommand::SetNodeState { node, state }
+}
+
+/// A short description of a map command for logs (a bootstrap map would
+/// print thousands of route entries).
+fn summary(cmd: &MapCommand) -> String {
+    match cmd {
+        MapCommand::Bootstrap(m) => format!("Bootstrap(epoch {})", m.epoch),
+        MapCommand::BeginMove { slots, from, to } => {
+            format!("BeginMove({} from {from} to {to})", slots.ranges_text())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// One node's status, or `None` when it does not answer in time.
+async fn probe(
+    node: &Arc<Node>,
+    id: NodeId,
+    addr: &str,
+    timeout: Duration,
+) -> Option<pb::NodeStatusResponse> {
+    if id == node.id() {
+        return Some(node.local_status().await);
+    }
+    let channel = node.channels.get(addr).ok()?;
+    let mut req = tonic::Request::new(pb::NodeStatusRequest {});
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, PeerClient::new(channel).node_status(req)).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => {
+            node.channels.drop_channel(addr);
+            None
+        }
+    }
+}
+
+/// Proposes a change to the cluster map on this node (the meta leader).
+pub(crate) async fn propose_map(node: &Arc<Node>, cmd: MapCommand) -> Result<MapResult, String> {
+    let meta = node.meta().ok_or("this node has no meta replica")?;
+    let res = meta
+        .write(
+            Command {
+                request_id: None,
+                op: CommandOp::Map(cmd),
+            },
+            node.config.write_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(r) = res.rejected {
+        return Err(palisade_group::GroupError::Rejected(r).to_string());
+    }
+    match res.results.first() {
+        Some(palisade_group::OpResult::Map(r)) => Ok(*r),
+        _ => Ok(MapResult::Done),
+    }
+}
+
+/// Proposes a slot command at `group`'s leader; returns the entry's
+/// revision.
+async fn propose_slots(node: &Arc<Node>, group: GroupId, cmd: SlotCommand) -> Result<u64, String> {
+    let reply = node
+        .manage_leader(
+            group,
+            ManageRequest::Propose {
+                op: CommandOp::Slots(cmd),
+            },
+            node.config.write_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match reply {
+        ManageReply::Applied(res) => match res.rejected {
+            Some(r) => Err(palisade_group::GroupError::Rejected(r).to_string()),
+            None => Ok(res.revision),
+        },
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// The leader's account of `group`.
+async fn leader_report(node: &Arc<Node>, group: GroupId) -> Result<GroupReport, String> {
+    match node
+        .manage_leader(group, ManageRequest::Status, node.peer_timeout())
+        .await
+    {
+        Ok(ManageReply::Status(r)) if r.is_leader => Ok(*r),
+        Ok(ManageReply::Status(_)) => Err(format!("group {group} has no leader right now")),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The first map: from the bootstrap peers, or derived from a data
+/// directory written before the map.
+async fn bootstrap_map(node: &Arc<Node>) -> Result<(), String> {
+    let meta = node.meta().ok_or("no meta replica")?;
+    let term = meta.raft().metrics().borrow().current_term;
+    let map = if let Some(groups) = node.legacy_groups() {
+        let addrs = meta.member_addrs();
+        let view = meta.membership_view().await;
+        let pick = |ids: &BTreeSet<u64>| -> BTreeMap<NodeId, String> {
+            ids.iter()
+                .filter_map(|id| Some((*id, addrs.get(id)?.clone())))
+                .collect()
+        };
+        let voters = pick(&view.voters);
+        let learners = pick(&view.learners);
+        let cluster_id = cluster_id(&voters, groups, term);
+        ClusterMap::legacy(cluster_id, &voters, &learners, groups).map_err(|e| e.to_string())?
+    } else if !node.config.peers.is_empty() {
+        let peers = &node.config.peers;
+        let cluster_id = cluster_id(peers, node.config.data_groups, term);
+        ClusterMap::bootstrap(
+            cluster_id,
+            peers,
+            node.config.data_groups,
+            node.config.replicas,
+        )
+        .map_err(|e| e.to_string())?
+    } else {
+        return Err("this node neither bootstrapped the cluster nor holds old data".into());
+    };
+    propose_map(node, MapCommand::Bootstrap(Box::new(map))).await?;
+    tracing::info!(node = node.id(), "wrote the first cluster map");
+    Ok(())
+}
+
+/// A cluster id derived from what bootstrapped it (no clock, no OS
+/// randomness: the simulation replays it).
+fn cluster_id(nodes: &BTreeMap<NodeId, String>, groups: u64, term: u64) -> u64 {
+    palisade_shard::fnv1a64(format!("{nodes:?}/{groups}/{term}").as_bytes()).max(1)
+}
+
+/// Carries out the recorded replica change of `group` (see the module
+/// doc); returns once it is finished (or aborted) in the map.
+async fn drive_change(node: Arc<Node>, group: GroupId) -> Result<(), String> {
+    let started = Instant::now();
+    let catchup = node.config.coordinator.catchup_timeout;
+    loop {
+        let map = node.map();
+        let Some(info) = map.groups.get(&group) else {
+            return Ok(());
+        };
+        let Some(change) = info.change else {
+            return Ok(());
+        };
+        let report = match leader_report(&node, group).await {
+            Ok(r) => r,
+            Err(e) => {
+                if started.elapsed() > catchup {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        match next_change_step(&map, group, &change, &report) {
+            ChangeStep::MoveLeader => {
+                let to = info
+                    .replicas
+                    .iter()
+                    .filter(|(id, r)| {
+                        r.role == Role::Voter
+                            && Some(**id) != change.remove
+                            && Some(**id) != change.demote
+                    })
+                    .map(|(_, r)| r.node)
+                    .find(|n| {
+                        map.nodes
+                            .get(n)
+                            .is_some_and(|i| i.state == NodeState::Serving)
+                    })
+                    .ok_or("no voter to hand the leadership to")?;
+                transfer_leader(&node, group, to).await?;
+            }
+            ChangeStep::AddLearner { replica, node: at } => {
+                let addr = map.addr_of(at).ok_or("the new replica's node is unknown")?;
+                manage(
+                    &node,
+                    group,
+                    ManageRequest::AddLearner {
+                        replica,
+                        addr: addr.to_string(),
+                    },
+                )
+                .await?;
+            }
+            ChangeStep::CatchUp { behind } => {
+                let add = change.add.ok_or("catching up without an added replica")?;
+                let gone = map
+                    .nodes
+                    .get(&add.node)
+                    .is_none_or(|n| matches!(n.state, NodeState::Draining | NodeState::Removed));
+                if gone || started.elapsed() > catchup {
+                    tracing::warn!(group, replica = add.replica, behind, gone, "new replica did not catch up: rolling the change back");
+                    return abort_change(&node, group, add.replica).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            ChangeStep::SetVoters {
+                voters,
+                keep_removed,
+            } => {
+                manage(
+                    &node,
+                    group,
+                    ManageRequest::ChangeVoters {
+                        voters,
+                        keep_removed,
+                    },
+                )
+                .await?;
+            }
+            ChangeStep::RemoveLearner(r) => {
+                manage(
+                    &node,
+                    group,
+                    ManageRequest::RemoveLearners {
+                        replicas: [r].into(),
+                    },
+                )
+                .await?;
+            }
+            ChangeStep::Finish => {
+                propose_map(&node, MapCommand::FinishReplicaChange { group }).await?;
+                tracing::info!(group, ?change, "replica change done");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends a leader-only management request.
+async fn manage(node: &Arc<Node>, group: GroupId, req: ManageRequest) -> Result<(), String> {
+    node.manage_leader(group, req, node.config.write_timeout)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Rolls back a change whose new replica is still a learner.
+async fn abort_change(node: &Arc<Node>, group: GroupId, replica: u64) -> Result<(), String> {
+    let report = leader_report(node, group).await?;
+    if report.voters.contains(&replica) {
+        return Err("the new replica is a voter already; the change goes forward".into());
+    }
+    if report.learners.contains(&replica) {
+        manage(
+            node,
+            group,
+            ManageRequest::RemoveLearners {
+                replicas: [replica].into(),
+            },
+        )
+        .await?;
+    }
+    propose_map(node, MapCommand::AbortReplicaChange { group }).await?;
+    Ok(())
+}
+
+/// The next step of a replica change, given the map and the leader's view.
+#[derive(Debug, PartialEq, Eq)]
+enum ChangeStep {
+    /// The leader is leaving (or demoted): hand leadership to another voter.
+    MoveLeader,
+    AddLearner { replica: u64, node: NodeId },
+    /// The new replica is `behind` entries behind the leader.
+    CatchUp { behind: u64 },
+    SetVoters {
+        voters: BTreeSet<u64>,
+        keep_removed: bool,
+    },
+    RemoveLearner(u64),
+    Finish,
+}
+
+fn next_change_step(
+    map: &ClusterMap,
+    group: GroupId,
+    change: &ReplicaChange,
+    report: &GroupReport,
+) -> ChangeStep {
+    let info = &map.groups[&group];
+    if Some(report.replica) == change.remove || Some(report.replica) == change.demote {
+        return ChangeStep::MoveLeader;
+    }
+    let members: BTreeSet<u64> = report.voters.union(&report.learners).copied().collect();
+    if let Some(add) = change.add {
+        if !members.contains(&add.replica) {
+            return ChangeStep::AddLearner {
+                replica: add.replica,
+                node: add.node,
+            };
+        }
+        if add.role == Role::Voter && !report.voters.contains(&add.replica) {
+            let matched = report.matched.get(&add.replica).copied().unwrap_or(0);
+            if matched < report.last_log_index {
+                return ChangeStep::CatchUp {
+                    behind: report.last_log_index - matched,
+                };
+            }
+        }
+    }
+    // The voters the change ends with, from the map (not from a joint
+    // configuration's union).
+    let mut voters = info.voters();
+    if let Some(add) = change.add
+        && add.role == Role::Voter
+    {
+        voters.insert(add.replica);
+    }
+    if let Some(p) = change.promote {
+        voters.insert(p);
+    }
+    for r in [change.remove, change.demote].into_iter().flatten() {
+        voters.remove(&r);
+    }
+    if report.voters != voters || report.joint || !report.committed {
+        return ChangeStep::SetVoters {
+            voters,
+            keep_removed: change.demote.is_some(),
+        };
+    }
+    if let Some(r) = change.remove
+        && report.learners.contains(&r)
+    {
+        return ChangeStep::RemoveLearner(r);
+    }
+    ChangeStep::Finish
+}
+
+/// Hands `group`'s leadership to its replica on node `to` (see the module
+/// doc). Returns once `to` leads, or fails after putting things back.
+pub(crate) async fn transfer_leader(node: &Arc<Node>, group: GroupId, to: NodeId) -> Result<(), String> {
+    let map = node.map();
+    let info = map.groups.get(&group).ok_or("no such group")?;
+    let target = info
+        .replicas
+        .iter()
+        .find(|(_, r)| r.node == to && r.role == Role::Voter)
+        .map(|(id, _)| *id)
+        .ok_or_else(|| format!("node {to} holds no voter of group {group}"))?;
+    let peer_of = |n: NodeId| -> Option<Peer> {
+        Some(Peer {
+            node: n,
+            addr: map.addr_of(n)?.to_string(),
+        })
+    };
+    let target_peer = peer_of(to).ok_or("the target node has no address")?;
+    let report = leader_report(node, group).await?;
+    if report.replica == target {
+        return Ok(());
+    }
+    let leader_peer = peer_of(report.node).ok_or("the leader's node has no address")?;
+    // The target must have the whole log, or it cannot win.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = leader_report(node, group).await?;
+        if r.replica != report.replica {
+            return Err("the leadership moved meanwhile".into());
+        }
+        if r.matched.get(&target).copied().unwrap_or(0) >= r.last_log_index {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("node {to} did not catch up with the leader"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lease = node.config.timings.election_max;
+    let others: Vec<Peer> = info
+        .replicas
+        .iter()
+        .filter(|(id, r)| r.role == Role::Voter && **id != target && **id != report.replica)
+        .filter_map(|(_, r)| peer_of(r.node))
+        .collect();
+    let pause_ms = (lease * 4).as_millis() as u64;
+    let t = node.peer_timeout();
+    for p in &others {
+        let _ = node
+            .manage(
+                p,
+                group,
+                ManageRequest::SetElections {
+                    enabled: false,
+                    for_ms: pause_ms,
+                },
+                t,
+            )
+            .await;
+    }
+    let result = async {
+        node.manage(
+            &leader_peer,
+            group,
+            ManageRequest::BeginHandover { to: target },
+            t,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // Followers refuse votes while their lease from the old leader
+        // holds (openraft: `election_timeout_max` since its last message).
+        tokio::time::sleep(lease + Duration::from_millis(150)).await;
+        let deadline = Instant::now() + lease * 3;
+        loop {
+            let _ = node
+                .manage(&target_peer, group, ManageRequest::Campaign, t)
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Ok(ManageReply::Status(r)) =
+                node.manage(&target_peer, group, ManageRequest::Status, t).await
+                && r.is_leader
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("node {to} did not win the election"));
+            }
+        }
+    }
+    .await;
+    let _ = node
+        .manage(&leader_peer, group, ManageRequest::EndHandover, t)
+        .await;
+    for p in &others {
+        let _ = node
+            .manage(
+                p,
+                group,
+                ManageRequest::SetElections {
+                    enabled: true,
+                    for_ms: 0,
+                },
+                t,
+            )
+            .await;
+    }
+    if result.is_ok() {
+        node.leaders.remember(group, target_peer);
+        tracing::info!(group, to, "leadership transferred");
+    }
+    result
+}
+
+/// Carries a recorded slot move through its phases (see
+/// `palisade_group`'s `slots` module for what each does).
+async fn drive_move(node: Arc<Node>, id: u64) -> Result<(), String> {
+    let mut failures = 0u32;
+    let mut handoff_revision: Option<u64> = None;
+    loop {
+        let map = node.map();
+        let Some(m) = map.moving.clone().filter(|m| m.id == id) else {
+            return Ok(());
+        };
+        let step = async {
+            match m.phase {
+                MovePhase::Freeze => {
+                    // A group from before the map owns its slots only once
+                    // adopted; adopting what the map routes to it is a
+                    // no-op otherwise.
+                    propose_slots(
+                        &node,
+                        m.from,
+                        SlotCommand::Adopt {
+                            slots: map.slots_of(m.from),
+                        },
+                    )
+                    .await?;
+                    propose_slots(
+                        &node,
+                        m.from,
+                        SlotCommand::Freeze {
+                            move_id: id,
+                            slots: m.slots.clone(),
+                        },
+                    )
+                    .await?;
+                    set_phase(&node, id, MovePhase::Copy).await
+                }
+                MovePhase::Copy => {
+                    copy_slots(&node, id, &m.slots, m.from, m.to).await?;
+                    set_phase(&node, id, MovePhase::Handoff).await
+                }
+                MovePhase::Handoff | MovePhase::Commit => {
+                    // Repeating the hand-off is a no-op that tells the
+                    // source's revision (above every revision the data
+                    // carries).
+                    let r = propose_slots(
+                        &node,
+                        m.from,
+                        SlotCommand::Handoff {
+                            move_id: id,
+                            slots: m.slots.clone(),
+                            to: m.to,
+                        },
+                    )
+                    .await?;
+                    let source_revision = *handoff_revision.get_or_insert(r);
+                    if m.phase == MovePhase::Handoff {
+                        return set_phase(&node, id, MovePhase::Commit).await;
+                    }
+                    propose_slots(
+                        &node,
+                        m.to,
+                        SlotCommand::ImportCommit {
+                            move_id: id,
+                            slots: m.slots.clone(),
+                            from: m.from,
+                            source_revision,
+                        },
+                    )
+                    .await?;
+                    propose_map(&node, MapCommand::SwitchRoute { id })
+                        .await
+                        .map(|_| ())
+                }
+                MovePhase::Release => {
+                    propose_slots(
+                        &node,
+                        m.from,
+                        SlotCommand::Release {
+                            move_id: id,
+                            slots: m.slots.clone(),
+                        },
+                    )
+                    .await?;
+                    propose_map(&node, MapCommand::EndMove { id }).await?;
+                    tracing::info!(
+                        id,
+                        from = m.from,
+                        to = m.to,
+                        slots = m.slots.len(),
+                        "slot move done"
+                    );
+                    Ok(())
+                }
+            }
+        }
+        .await;
+        match step {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::info!(id, phase = m.phase.name(), failures, error = %e, "slot move step failed");
+                if failures >= MOVE_ATTEMPTS_BEFORE_ROLLBACK && m.phase < MovePhase::Handoff {
+                    return roll_back_move(&node, id, &m.slots, m.from, m.to).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn set_phase(node: &Arc<Node>, id: u64, phase: MovePhase) -> Result<(), String> {
+    propose_map(node, MapCommand::SetMovePhase { id, phase })
+        .await
+        .map(|_| ())
+}
+
+/// Copies the frozen slots' records from the source's leader into the
+/// target, staged.
+async fn copy_slots(
+    node: &Arc<Node>,
+    id: u64,
+    slots: &SlotSet,
+    from: GroupId,
+    to: GroupId,
+) -> Result<(), String> {
+    propose_slots(
+        node,
+        to,
+        SlotCommand::ImportBegin {
+            move_id: id,
+            slots: slots.clone(),
+        },
+    )
+    .await?;
+    let mut cursor = Vec::new();
+    let mut copied = 0usize;
+    loop {
+        let reply = node
+            .manage_leader(
+                from,
+                ManageRequest::Export {
+                    slots: slots.clone(),
+                    from: cursor.clone(),
+                    max_bytes: IMPORT_CHUNK_BYTES,
+                },
+                node.config.write_timeout,
+            )
+            .await
+            .map_err(|e: ManageError| e.to_string())?;
+        let ManageReply::Records { records, next } = reply else {
+            return Err("unexpected reply to an export".into());
+        };
+        copied += records.len();
+        if !records.is_empty() {
+            propose_slots(
+                node,
+                to,
+                SlotCommand::ImportChunk {
+                    move_id: id,
+                    slots: slots.clone(),
+                    records,
+                },
+            )
+            .await?;
+        }
+        match next {
+            Some(k) => cursor = k,
+            None => break,
+        }
+    }
+    tracing::info!(id, from, to, records = copied, "slot data copied");
+    Ok(())
+}
+
+/// Rolls back a move that has not handed off: the target drops its staged
+/// copy, the source takes writes again, the map forgets the move.
+async fn roll_back_move(
+    node: &Arc<Node>,
+    id: u64,
+    slots: &SlotSet,
+    from: GroupId,
+    to: GroupId,
+) -> Result<(), String> {
+    tracing::warn!(id, from, to, "rolling back a slot move");
+    if node.map().groups.contains_key(&to) {
+        propose_slots(
+            node,
+            to,
+            SlotCommand::ImportAbort {
+                move_id: id,
+                slots: slots.clone(),
+            },
+        )
+        .await?;
+    }
+    propose_slots(
+        node,
+        from,
+        SlotCommand::Unfreeze {
+            move_id: id,
+            slots: slots.clone(),
+        },
+    )
+    .await?;
+    propose_map(node, MapCommand::AbortMove { id }).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_shard::{AddReplica, META_GROUP};
+
+    fn report(replica: u64, voters: &[u64], learners: &[u64], matched: &[(u64, u64)]) -> GroupReport {
+        GroupReport {
+            replica,
+            is_leader: true,
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            committed: true,
+            last_log_index: 100,
+            matched: matched.iter().copied().collect(),
+            ..GroupReport::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_change_steps_from_learner_to_joint_change_to_finish() {
+        let nodes: BTreeMap<u64, String> = (1..=4).map(|i| (i, format!("n{i}:1"))).collect();
+        let map = ClusterMap::bootstrap(1, &nodes, 1, 3).unwrap();
+        let new = 1 << 20;
+        let change = ReplicaChange {
+            add: Some(AddReplica {
+                replica: new,
+                node: 4,
+                role: Role::Voter,
+            }),
+            remove: Some(3),
+            promote: None,
+            demote: None,
+        };
+        let step = |r: &GroupReport| next_change_step(&map, 1, &change, r);
+        assert_eq!(
+            step(&report(3, &[1, 2, 3], &[], &[])),
+            ChangeStep::MoveLeader,
+            "a leaving leader hands over first"
+        );
+        assert_eq!(
+            step(&report(1, &[1, 2, 3], &[], &[])),
+            ChangeStep::AddLearner { replica: new, node: 4 }
+        );
+        assert_eq!(
+            step(&report(1, &[1, 2, 3], &[new], &[(new, 60)])),
+            ChangeStep::CatchUp { behind: 40 }
+        );
+        assert_eq!(
+            step(&report(1, &[1, 2, 3], &[new], &[(new, 100)])),
+            ChangeStep::SetVoters {
+                voters: [1, 2, new].into(),
+                keep_removed: false
+            }
+        );
+        let mut joint = report(1, &[1, 2, new], &[], &[]);
+        joint.joint = true;
+        assert!(matches!(step(&joint), ChangeStep::SetVoters { .. }), "a joint config is finished first");
+        let mut uncommitted = report(1, &[1, 2, new], &[], &[]);
+        uncommitted.committed = false;
+        assert!(matches!(step(&uncommitted), ChangeStep::SetVoters { .. }));
+        assert_eq!(step(&report(1, &[1, 2, new], &[], &[])), ChangeStep::Finish);
+    }
+
+    #[test]
+    fn demoting_a_meta_voter_keeps_it_as_a_learner() {
+        let nodes: BTreeMap<u64, String> = (1..=5).map(|i| (i, format!("n{i}:1"))).collect();
+        let map = ClusterMap::bootstrap(1, &nodes, 1, 3).unwrap();
+        let change = ReplicaChange {
+            add: None,
+            remove: None,
+            promote: None,
+            demote: Some(5),
+        };
+        let step = next_change_step(&map, META_GROUP, &change, &report(1, &[1, 2, 3, 4, 5], &[], &[]));
+        assert_eq!(
+            step,
+            ChangeStep::SetVoters {
+                voters: [1, 2, 3, 4].into(),
+                keep_removed: true
+            }
+        );
+        let done = next_change_step(&map, META_GROUP, &change, &report(1, &[1, 2, 3, 4], &[5], &[]));
+        assert_eq!(done, ChangeStep::Finish);
+    }
+}
