@@ -11,10 +11,10 @@ set -euo pipefail
 bin=${1:?path to a palisade binary built from commit 0241544}
 root=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$root"' EXIT
-peers="1=127.0.0.1:27001,2=127.0.0.1:27002,3=127.0.0.1:27003"
-eps="127.0.0.1:27001,127.0.0.1:27002,127.0.0.1:27003"
+peers="1=127.77.77.1:27001,2=127.77.77.2:27001,3=127.77.77.3:27001"
+eps="127.77.77.1:27001,127.77.77.2:27001,127.77.77.3:27001"
 for i in 1 2 3; do
-  "$bin" start --id $i --listen 127.0.0.1:2700$i --peers "$peers" \
+  "$bin" start --id $i --listen 127.77.77.$i:27001 --peers "$peers" \
     --data-dir "$root/n$i" --groups 4 >"$root/n$i.log" 2>&1 &
 done
 for _ in $(seq 1 100); do

@@ -54,6 +54,14 @@ pub struct ClusterOptions {
     pub extra_args: Vec<String>,
     /// Read replicas started after the voters, with ids `nodes+1..`.
     pub learners: u64,
+    /// Voters per data group (`--replicas`; default: the server's, 3).
+    pub replicas: Option<u32>,
+    /// Listen on `{prefix}.{id}:{port}` instead of a per-test address (a
+    /// data directory from elsewhere remembers its peers' addresses).
+    pub address: Option<(String, u16)>,
+    /// Start node `id` from a copy of `{dir}/n{id}` (data directories
+    /// written elsewhere, e.g. by an earlier version).
+    pub seed_data: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -65,6 +73,9 @@ impl ClusterOptions {
             keep_logs: None,
             extra_args: Vec::new(),
             learners: 0,
+            replicas: None,
+            address: None,
+            seed_data: None,
         }
     }
 }
@@ -73,10 +84,13 @@ impl ClusterOptions {
 pub struct TestCluster {
     dir: tempfile::TempDir,
     ip_prefix: String,
+    port: u16,
     opts: ClusterOptions,
     procs: BTreeMap<u64, Child>,
     /// Nodes stopped with SIGSTOP.
     paused: std::collections::BTreeSet<u64>,
+    /// Nodes started later with `--join` (voting nodes).
+    joiners: std::collections::BTreeSet<u64>,
 }
 
 impl TestCluster {
@@ -84,17 +98,33 @@ impl TestCluster {
     pub async fn start(opts: ClusterOptions) -> TestCluster {
         let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
         let h = (std::process::id().wrapping_mul(31).wrapping_add(n)) % 62_500;
-        let ip_prefix = format!("127.{}.{}", 1 + h / 250, h % 250);
+        let (ip_prefix, port) = opts
+            .address
+            .clone()
+            .unwrap_or_else(|| (format!("127.{}.{}", 1 + h / 250, h % 250), PORT));
         let dir = tempfile::Builder::new()
             .prefix("palisade-test-")
             .tempdir()
             .expect("tempdir");
+        if let Some(seed) = &opts.seed_data {
+            for id in 1..=opts.nodes {
+                let status = Command::new("cp")
+                    .arg("-a")
+                    .arg(seed.join(format!("n{id}")))
+                    .arg(dir.path().join(format!("node-{id}")))
+                    .status()
+                    .expect("cp");
+                assert!(status.success(), "copying the seed data of node {id}");
+            }
+        }
         let mut cluster = TestCluster {
             dir,
             ip_prefix,
+            port,
             opts,
             procs: BTreeMap::new(),
             paused: Default::default(),
+            joiners: Default::default(),
         };
         for id in 1..=cluster.opts.nodes {
             cluster.spawn(id);
@@ -117,8 +147,22 @@ impl TestCluster {
         (self.opts.nodes + 1..=self.opts.nodes + self.opts.learners).collect()
     }
 
-    fn all_ids(&self) -> std::ops::RangeInclusive<u64> {
-        1..=self.opts.nodes + self.opts.learners
+    fn all_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = (1..=self.opts.nodes + self.opts.learners).collect();
+        ids.extend(self.joiners.iter().copied());
+        ids
+    }
+
+    /// Starts a new node `id` that joins the running cluster with
+    /// `palisade start --join` (plus `extra` arguments), like an operator
+    /// adding capacity. Its id must not be one of the bootstrap nodes'.
+    pub fn join(&mut self, id: u64, extra: &[&str]) {
+        assert!(
+            id > self.opts.nodes + self.opts.learners,
+            "node {id} is a bootstrap node"
+        );
+        self.joiners.insert(id);
+        self.spawn_with(id, extra);
     }
 
     /// Waits until node `id` is a learner of every group and has caught up.
@@ -146,7 +190,7 @@ impl TestCluster {
     }
 
     pub fn addr(&self, id: u64) -> String {
-        format!("{}.{id}:{PORT}", self.ip_prefix)
+        format!("{}.{id}:{}", self.ip_prefix, self.port)
     }
 
     /// Node `id`'s own loopback IP (its peer traffic comes from it).
@@ -180,6 +224,10 @@ impl TestCluster {
 
     /// Starts node `id` (with its existing data, if any).
     pub fn spawn(&mut self, id: u64) {
+        self.spawn_with(id, &[]);
+    }
+
+    fn spawn_with(&mut self, id: u64, extra: &[&str]) {
         assert!(
             !self.procs.contains_key(&id),
             "node {id} is already running"
@@ -193,11 +241,17 @@ impl TestCluster {
         cmd.arg("start")
             .args(["--id", &id.to_string()])
             .args(["--listen", &self.addr(id)]);
-        if id > self.opts.nodes {
+        if self.joiners.contains(&id) {
+            cmd.args(["--join", &self.endpoints().join(",")]);
+        } else if id > self.opts.nodes {
             cmd.arg("--learner")
                 .args(["--join", &self.endpoints().join(",")]);
         } else {
             cmd.args(["--peers", &self.peers()]);
+        }
+        cmd.args(extra);
+        if let Some(r) = self.opts.replicas {
+            cmd.args(["--replicas", &r.to_string()]);
         }
         cmd.arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{id}")))
@@ -286,17 +340,58 @@ impl TestCluster {
         Client::connect(live).await.expect("connect client")
     }
 
+    /// Waits until the cluster map (as the first answering node sees it)
+    /// satisfies `done`; returns the status then. Panics after `timeout`
+    /// with `what` and the last map.
+    pub async fn wait_map(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&pb::ClusterStatusResponse, &pb::ClusterMap) -> bool,
+    ) -> pb::ClusterStatusResponse {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status().await
+                && let Some(map) = s.map.clone()
+            {
+                if done(&s, &map) {
+                    return s;
+                }
+                last = Some(map);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("{what}: not reached within {timeout:?}; last map: {last:#?}");
+    }
+
     /// Cluster status as seen by the first running node that answers.
     pub async fn status(&self) -> Option<pb::ClusterStatusResponse> {
+        // Every running node, the newest map wins: a drained node's map
+        // stops where it was removed.
+        let mut best: Option<pb::ClusterStatusResponse> = None;
         for id in self.running() {
-            let Ok(client) = Client::connect(vec![self.addr(id)]).await else {
+            if self.paused.contains(&id) {
+                continue;
+            }
+            let addr = format!("http://{}", self.addr(id));
+            let call = async {
+                let mut admin = pb::admin_client::AdminClient::connect(addr).await.ok()?;
+                let r = admin
+                    .cluster_status(pb::ClusterStatusRequest {})
+                    .await
+                    .ok()?;
+                Some(r.into_inner())
+            };
+            let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(3), call).await else {
                 continue;
             };
-            if let Ok(s) = client.cluster_status().await {
-                return Some(s);
+            let epoch = |s: &pb::ClusterStatusResponse| s.map.as_ref().map_or(0, |m| m.epoch);
+            if best.as_ref().is_none_or(|b| epoch(&s) > epoch(b)) {
+                best = Some(s);
             }
         }
-        None
+        best
     }
 
     /// Waits until every node in `alive` answers and every group has a
@@ -341,8 +436,7 @@ impl TestCluster {
                                 .iter()
                                 .filter(|r| alive.contains(&r.node_id))
                                 .all(|r| {
-                                    r.term == g.term
-                                        && r.role != pb::RaftRole::Candidate as i32
+                                    r.term == g.term && r.role != pb::RaftRole::Candidate as i32
                                 })
                     });
                 if up == alive.len() && groups_ok {

@@ -389,7 +389,10 @@ async fn whole_cluster_restart_keeps_all_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_survive_two_kills() {
-    let mut cluster = TestCluster::start(ClusterOptions::new(5)).await;
+    // Five copies of every group survive any two failures.
+    let mut opts = ClusterOptions::new(5);
+    opts.replicas = Some(5);
+    let mut cluster = TestCluster::start(opts).await;
     let client = cluster.client().await;
     let mut written = write_keys(&client, "five", 100).await;
     let victim = busiest_leader(&cluster.status().await.unwrap());

@@ -391,6 +391,8 @@ struct Inner {
     /// Node id → address, from the cluster map.
     nodes: Mutex<BTreeMap<u64, String>>,
     map: Mutex<RouteTable>,
+    /// A background map refresh is running.
+    refreshing: std::sync::atomic::AtomicBool,
     client_id: u64,
     next_seq: AtomicU64,
     /// Seqs of writes not yet completed; the lowest is reported to servers so
@@ -436,6 +438,7 @@ impl Client {
                 leaders: Mutex::default(),
                 nodes: Mutex::default(),
                 map: Mutex::default(),
+                refreshing: std::sync::atomic::AtomicBool::new(false),
                 client_id: rand::thread_rng().gen_range(1..u64::MAX),
                 next_seq: AtomicU64::new(1),
                 inflight: Mutex::default(),
@@ -459,41 +462,39 @@ impl Client {
             let mut request = Request::new(pb::GetClusterMapRequest { min_epoch });
             request.set_timeout(config.attempt_timeout);
             let mut admin = AdminClient::new(self.channel(&addr)?);
-            let last = match tokio::time::timeout(
-                config.attempt_timeout,
-                admin.get_cluster_map(request),
-            )
-            .await
-            {
-                Ok(Ok(resp)) => {
-                    let resp = resp.into_inner();
-                    if let Some(map) = resp.map {
-                        let epoch = self.adopt_map(&map);
-                        let nodes = Self::guard(&self.inner.nodes).clone();
-                        let mut leaders = Self::guard(&self.inner.leaders);
-                        for l in resp.leaders {
-                            if let Some(a) = nodes.get(&l.node_id) {
-                                leaders.entry(l.group_id).or_insert_with(|| a.clone());
+            let last =
+                match tokio::time::timeout(config.attempt_timeout, admin.get_cluster_map(request))
+                    .await
+                {
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        if let Some(map) = resp.map {
+                            let epoch = self.adopt_map(&map);
+                            let nodes = Self::guard(&self.inner.nodes).clone();
+                            let mut leaders = Self::guard(&self.inner.leaders);
+                            for l in resp.leaders {
+                                if let Some(a) = nodes.get(&l.node_id) {
+                                    leaders.entry(l.group_id).or_insert_with(|| a.clone());
+                                }
+                            }
+                            if epoch >= min_epoch {
+                                return Ok(epoch);
                             }
                         }
-                        if epoch >= min_epoch {
-                            return Ok(epoch);
-                        }
+                        format!("{addr}: map older than epoch {min_epoch}")
                     }
-                    format!("{addr}: map older than epoch {min_epoch}")
-                }
-                Ok(Err(s)) if s.code() == Code::Unimplemented => {
-                    return Err(Error::Status(s));
-                }
-                Ok(Err(s)) => {
-                    self.drop_channel(&addr);
-                    format!("{addr}: {}: {}", s.code(), s.message())
-                }
-                Err(_) => {
-                    self.drop_channel(&addr);
-                    format!("{addr}: no reply")
-                }
-            };
+                    Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                        return Err(Error::Status(s));
+                    }
+                    Ok(Err(s)) => {
+                        self.drop_channel(&addr);
+                        format!("{addr}: {}: {}", s.code(), s.message())
+                    }
+                    Err(_) => {
+                        self.drop_channel(&addr);
+                        format!("{addr}: no reply")
+                    }
+                };
             let pause = self.backoff(attempt);
             attempt += 1;
             if Instant::now() + pause >= deadline {
@@ -501,6 +502,46 @@ impl Client {
             }
             tokio::time::sleep(pause).await;
         }
+    }
+
+    /// Asks each known node once (briefly) for a map at least `min_epoch`
+    /// new; adopts the newest it gets.
+    async fn refresh_map_once(&self, min_epoch: u64) {
+        let mut addrs: Vec<String> = Self::guard(&self.inner.nodes).values().cloned().collect();
+        for e in &self.inner.config.endpoints {
+            if !addrs.contains(e) {
+                addrs.push(e.clone());
+            }
+        }
+        for addr in addrs {
+            let Ok(channel) = self.channel(&addr) else {
+                continue;
+            };
+            let mut request = Request::new(pb::GetClusterMapRequest { min_epoch });
+            let timeout = Duration::from_millis(1500);
+            request.set_timeout(timeout);
+            let mut admin = AdminClient::new(channel);
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(timeout, admin.get_cluster_map(request)).await
+                && let Some(map) = resp.into_inner().map
+                && self.adopt_map(&map) >= min_epoch
+            {
+                return;
+            }
+        }
+    }
+
+    /// Refreshes the map in the background when a response shows a newer
+    /// one than the cached map (at most one refresh at a time).
+    fn notice_map_epoch(&self, epoch: u64) {
+        if epoch <= self.map_epoch() || self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            client.refresh_map_once(epoch).await;
+            client.inner.refreshing.store(false, Ordering::Release);
+        });
     }
 
     /// Caches `map` if it is newer than the cached one; returns the cached
@@ -610,8 +651,12 @@ impl Client {
         }
     }
 
-    /// Merges a revision the client has seen into its session.
+    /// Merges a revision the client has seen into its session (and notices
+    /// a newer cluster map).
     fn observe(&self, header: Option<&pb::ResponseHeader>) {
+        if let Some(h) = header {
+            self.notice_map_epoch(h.map_epoch);
+        }
         if let Some(h) = header
             && h.group_id != 0
         {
@@ -734,11 +779,14 @@ impl Client {
                     if let Some((g, _)) = hint {
                         Self::guard(&self.inner.leaders).remove(&g);
                     }
-                    let want = min_epoch.max(self.map_epoch() + 1);
-                    if let Err(e) = self.refresh_map(want).await {
-                        tracing::debug!(error = %e, "refreshing the cluster map failed");
+                    // One round over the nodes; a map that has not moved
+                    // on yet (the route switches a moment after a slot
+                    // stops being served) is waited out with backoff.
+                    let before = self.map_epoch();
+                    self.refresh_map_once(min_epoch.max(before + 1)).await;
+                    if self.map_epoch() > before {
+                        pause = Some(Duration::ZERO);
                     }
-                    pause = Some(Duration::ZERO);
                 }
                 retry::Decision::RetryLater {
                     maybe_applied: applied,
@@ -943,12 +991,9 @@ impl Client {
             req.session = Some(self.session_token());
         }
         let res = self
-            .call(
-                Route::Any,
-                Kind::Read,
-                req,
-                |mut c, r| async move { c.scan(r).await },
-            )
+            .call(Route::Any, Kind::Read, req, |mut c, r| async move {
+                c.scan(r).await
+            })
             .await;
         if let Ok(r) = &res {
             for h in &r.group_headers {

@@ -145,7 +145,10 @@ mod tests {
                 Decision::RefreshMap { min_epoch: 44 },
             ),
             (
-                with(Code::Unavailable, D::EpochMismatch(pb::EpochMismatch::default())),
+                with(
+                    Code::Unavailable,
+                    D::EpochMismatch(pb::EpochMismatch::default()),
+                ),
                 later(false, true),
             ),
             (
@@ -212,7 +215,10 @@ mod tests {
                 Decision::GiveUp,
             ),
             (
-                with(Code::NotFound, D::LeaseNotFound(pb::LeaseNotFound { lease_id: 1 })),
+                with(
+                    Code::NotFound,
+                    D::LeaseNotFound(pb::LeaseNotFound { lease_id: 1 }),
+                ),
                 Decision::GiveUp,
             ),
             (Status::out_of_range("compacted"), Decision::GiveUp),

@@ -106,9 +106,7 @@ pub(crate) fn apply(
     cmd: &SlotCommand,
 ) -> Result<SlotOutcome, StoreError> {
     if group == palisade_shard::META_GROUP {
-        return Ok(SlotOutcome::Refused(
-            "the meta group owns no slots".into(),
-        ));
+        return Ok(SlotOutcome::Refused("the meta group owns no slots".into()));
     }
     let current = batch.ownership();
     let mut own: Ownership = current.as_deref().cloned().unwrap_or_default();
@@ -173,7 +171,12 @@ pub(crate) fn apply(
                     slots.ranges_text()
                 ));
             }
-            batch.import_records(records.iter().map(|r| (r.key.clone(), r.value.clone())).collect())?;
+            batch.import_records(
+                records
+                    .iter()
+                    .map(|r| (r.key.clone(), r.value.clone()))
+                    .collect(),
+            )?;
             return Ok(SlotOutcome::Applied);
         }
         SlotCommand::Handoff { slots, to, .. } => {
@@ -206,14 +209,13 @@ pub(crate) fn apply(
                 return Ok(SlotOutcome::Applied);
             }
             if !own.staged.is_superset(slots) {
-                return refused(format!(
-                    "cannot commit {}: not staged",
-                    slots.ranges_text()
-                ));
+                return refused(format!("cannot commit {}: not staged", slots.ranges_text()));
             }
             // This entry's revision must be above every revision the
             // imported data carries.
-            let offset = batch.rev_offset().max((source_revision + 1).saturating_sub(index));
+            let offset = batch
+                .rev_offset()
+                .max((source_revision + 1).saturating_sub(index));
             let revision = index + offset;
             own.staged.subtract(slots);
             own.owned.union_with(slots);

@@ -352,11 +352,23 @@ pub struct CommandResult {
 /// The result of one transaction operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
-    Put { prev: Option<KeyRecord> },
-    Delete { prev: Option<KeyRecord> },
-    Get { record: Option<KeyRecord> },
-    LeaseGranted { id: u64, ttl_ms: u64 },
-    LockAcquired { token: u64, term: u64 },
+    Put {
+        prev: Option<KeyRecord>,
+    },
+    Delete {
+        prev: Option<KeyRecord>,
+    },
+    Get {
+        record: Option<KeyRecord>,
+    },
+    LeaseGranted {
+        id: u64,
+        ttl_ms: u64,
+    },
+    LockAcquired {
+        token: u64,
+        term: u64,
+    },
     /// What an applied map command created.
     Map(palisade_shard::MapResult),
 }

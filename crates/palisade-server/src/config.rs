@@ -215,7 +215,9 @@ impl NodeConfig {
                 ));
             }
             if !self.join.is_empty() {
-                return bad("--peers (bootstrap a cluster) and --join (join one) exclude each other".into());
+                return bad(
+                    "--peers (bootstrap a cluster) and --join (join one) exclude each other".into(),
+                );
             }
         }
         if self.replicas == 0 || self.replicas > 7 {

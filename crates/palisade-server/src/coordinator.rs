@@ -40,8 +40,8 @@ use palisade_group::{Command, CommandOp, GroupId, SlotCommand};
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::peer_client::PeerClient;
 use palisade_shard::{
-    Action, ClusterMap, MapCommand, MapResult, MovePhase, NodeId, NodeState,
-    Observation, Policy, ReplicaChange, Role, SlotSet, plan,
+    Action, ClusterMap, MapCommand, MapResult, MovePhase, NodeId, NodeState, Observation, Policy,
+    ReplicaChange, Role, SlotSet, plan,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -60,21 +60,22 @@ const MOVE_ATTEMPTS_BEFORE_ROLLBACK: u32 = 30;
 pub(crate) fn spawn(node: &Arc<Node>) {
     let weak = Arc::downgrade(node);
     let interval = node.config.coordinator.interval;
-    node.tasks().spawn("coordinator", move |mut shutdown| async move {
-        let mut state = Coordinator::default();
-        while shutdown.sleep(interval).await {
-            let Some(node) = weak.upgrade() else { return };
-            let term = node
-                .meta()
-                .filter(|m| m.is_leader())
-                .map(|m| m.raft().metrics().borrow().current_term);
-            match term {
-                Some(term) => state.tick(&node, term).await,
-                None => state.stand_down(),
+    node.tasks()
+        .spawn("coordinator", move |mut shutdown| async move {
+            let mut state = Coordinator::default();
+            while shutdown.sleep(interval).await {
+                let Some(node) = weak.upgrade() else { return };
+                let term = node
+                    .meta()
+                    .filter(|m| m.is_leader())
+                    .map(|m| m.raft().metrics().borrow().current_term);
+                match term {
+                    Some(term) => state.tick(&node, term).await,
+                    None => state.stand_down(),
+                }
             }
-        }
-        state.stand_down();
-    });
+            state.stand_down();
+        });
 }
 
 /// Work in flight, per kind.
@@ -130,7 +131,12 @@ impl Coordinator {
     /// Probes every node; returns what the planner needs.
     async fn observe(&mut self, node: &Arc<Node>, map: &ClusterMap) -> Observed {
         let since = self.term.map_or_else(Instant::now, |(_, t)| t);
-        let timeout = node.config.coordinator.interval.max(Duration::from_millis(300)) * 2;
+        let timeout = node
+            .config
+            .coordinator
+            .interval
+            .max(Duration::from_millis(300))
+            * 2;
         let targets: Vec<(NodeId, String)> = map
             .nodes
             .iter()
@@ -263,13 +269,11 @@ impl Coordinator {
                     }
                 }
                 Action::TransferLeader { group, to } => {
-                    let cooling = self.transferred.get(&group).is_some_and(|t| {
-                        t.elapsed() < node.config.coordinator.transfer_cooldown
-                    });
-                    let busy = self
-                        .jobs
-                        .keys()
-                        .any(|j| matches!(j, Job::Transfer(_)));
+                    let cooling = self
+                        .transferred
+                        .get(&group)
+                        .is_some_and(|t| t.elapsed() < node.config.coordinator.transfer_cooldown);
+                    let busy = self.jobs.keys().any(|j| matches!(j, Job::Transfer(_)));
                     if !cooling && !busy {
                         self.transferred.insert(group, Instant::now());
                         let n = node.clone();
@@ -284,8 +288,12 @@ impl Coordinator {
                 Action::DropGroup(group) => MapCommand::DropGroup { group },
             };
             match propose_map(node, cmd.clone()).await {
-                Ok(r) => tracing::info!(command = ?summary(&cmd), result = ?r, "cluster map changed"),
-                Err(e) => tracing::debug!(command = ?summary(&cmd), error = %e, "cluster map change refused"),
+                Ok(r) => {
+                    tracing::info!(command = ?summary(&cmd), result = ?r, "cluster map changed")
+                }
+                Err(e) => {
+                    tracing::debug!(command = ?summary(&cmd), error = %e, "cluster map change refused")
+                }
             }
         }
     }
@@ -495,7 +503,13 @@ async fn drive_change(node: Arc<Node>, group: GroupId) -> Result<(), String> {
                     .get(&add.node)
                     .is_none_or(|n| matches!(n.state, NodeState::Draining | NodeState::Removed));
                 if gone || started.elapsed() > catchup {
-                    tracing::warn!(group, replica = add.replica, behind, gone, "new replica did not catch up: rolling the change back");
+                    tracing::warn!(
+                        group,
+                        replica = add.replica,
+                        behind,
+                        gone,
+                        "new replica did not catch up: rolling the change back"
+                    );
                     return abort_change(&node, group, add.replica).await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -566,9 +580,14 @@ async fn abort_change(node: &Arc<Node>, group: GroupId, replica: u64) -> Result<
 enum ChangeStep {
     /// The leader is leaving (or demoted): hand leadership to another voter.
     MoveLeader,
-    AddLearner { replica: u64, node: NodeId },
+    AddLearner {
+        replica: u64,
+        node: NodeId,
+    },
     /// The new replica is `behind` entries behind the leader.
-    CatchUp { behind: u64 },
+    CatchUp {
+        behind: u64,
+    },
     SetVoters {
         voters: BTreeSet<u64>,
         keep_removed: bool,
@@ -634,7 +653,11 @@ fn next_change_step(
 
 /// Hands `group`'s leadership to its replica on node `to` (see the module
 /// doc). Returns once `to` leads, or fails after putting things back.
-pub(crate) async fn transfer_leader(node: &Arc<Node>, group: GroupId, to: NodeId) -> Result<(), String> {
+pub(crate) async fn transfer_leader(
+    node: &Arc<Node>,
+    group: GroupId,
+    to: NodeId,
+) -> Result<(), String> {
     let map = node.map();
     let info = map.groups.get(&group).ok_or("no such group")?;
     let target = info
@@ -710,8 +733,9 @@ pub(crate) async fn transfer_leader(node: &Arc<Node>, group: GroupId, to: NodeId
                 .manage(&target_peer, group, ManageRequest::Campaign, t)
                 .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if let Ok(ManageReply::Status(r)) =
-                node.manage(&target_peer, group, ManageRequest::Status, t).await
+            if let Ok(ManageReply::Status(r)) = node
+                .manage(&target_peer, group, ManageRequest::Status, t)
+                .await
                 && r.is_leader
             {
                 return Ok(());
@@ -957,7 +981,12 @@ mod tests {
     use super::*;
     use palisade_shard::{AddReplica, META_GROUP};
 
-    fn report(replica: u64, voters: &[u64], learners: &[u64], matched: &[(u64, u64)]) -> GroupReport {
+    fn report(
+        replica: u64,
+        voters: &[u64],
+        learners: &[u64],
+        matched: &[(u64, u64)],
+    ) -> GroupReport {
         GroupReport {
             replica,
             is_leader: true,
@@ -993,7 +1022,10 @@ mod tests {
         );
         assert_eq!(
             step(&report(1, &[1, 2, 3], &[], &[])),
-            ChangeStep::AddLearner { replica: new, node: 4 }
+            ChangeStep::AddLearner {
+                replica: new,
+                node: 4
+            }
         );
         assert_eq!(
             step(&report(1, &[1, 2, 3], &[new], &[(new, 60)])),
@@ -1008,7 +1040,10 @@ mod tests {
         );
         let mut joint = report(1, &[1, 2, new], &[], &[]);
         joint.joint = true;
-        assert!(matches!(step(&joint), ChangeStep::SetVoters { .. }), "a joint config is finished first");
+        assert!(
+            matches!(step(&joint), ChangeStep::SetVoters { .. }),
+            "a joint config is finished first"
+        );
         let mut uncommitted = report(1, &[1, 2, new], &[], &[]);
         uncommitted.committed = false;
         assert!(matches!(step(&uncommitted), ChangeStep::SetVoters { .. }));
@@ -1025,7 +1060,12 @@ mod tests {
             promote: None,
             demote: Some(5),
         };
-        let step = next_change_step(&map, META_GROUP, &change, &report(1, &[1, 2, 3, 4, 5], &[], &[]));
+        let step = next_change_step(
+            &map,
+            META_GROUP,
+            &change,
+            &report(1, &[1, 2, 3, 4, 5], &[], &[]),
+        );
         assert_eq!(
             step,
             ChangeStep::SetVoters {
@@ -1033,7 +1073,12 @@ mod tests {
                 keep_removed: true
             }
         );
-        let done = next_change_step(&map, META_GROUP, &change, &report(1, &[1, 2, 3, 4], &[5], &[]));
+        let done = next_change_step(
+            &map,
+            META_GROUP,
+            &change,
+            &report(1, &[1, 2, 3, 4], &[5], &[]),
+        );
         assert_eq!(done, ChangeStep::Finish);
     }
 }

@@ -20,7 +20,8 @@
 //! | unlock by a non-holder         | `FAILED_PRECONDITION` | `NotLockHolder`      | yes              |
 //! | lock held for the whole wait   | `FAILED_PRECONDITION` | `LockHeld`           | yes              |
 //! | lease not found                | `NOT_FOUND`           | `LeaseNotFound`      | yes              |
-//! | map change refused, node gone  | `FAILED_PRECONDITION` | —                    | yes              |
+//! | node removed from the cluster  | `UNAVAILABLE`         | `NotLeader`, no hint | yes              |
+//! | map change refused             | `FAILED_PRECONDITION` | —                    | yes              |
 //! | storage, internal              | `INTERNAL`            | —                    | —                |
 //!
 //! A status that came back from another node (forwarding) passes through
@@ -65,7 +66,9 @@ pub enum ServerError {
     },
     /// The request was routed with a newer epoch of `group` than this node
     /// knows.
-    #[error("request routed with epoch {request_epoch} of group {group}; this node knows epoch {current_epoch}")]
+    #[error(
+        "request routed with epoch {request_epoch} of group {group}; this node knows epoch {current_epoch}"
+    )]
     EpochMismatch {
         group: u64,
         request_epoch: u64,
@@ -180,7 +183,8 @@ impl From<ServerError> for Status {
             ServerError::UnknownGroup(_) => Status::not_found(msg),
             ServerError::Remote(status) => status,
             ServerError::MapNotReady => not_leader_status(0, None, msg),
-            ServerError::NodeRemoved(_) => Status::failed_precondition(msg),
+            // Retryable elsewhere: the cluster goes on without this node.
+            ServerError::NodeRemoved(_) => not_leader_status(0, None, msg),
             ServerError::WrongGroup {
                 slot,
                 group,
@@ -416,7 +420,9 @@ mod tests {
                 Code::NotFound,
             ),
             (
-                ServerError::Group(GroupError::Rejected(Rejection::NotLockHolder { current: 4 })),
+                ServerError::Group(GroupError::Rejected(Rejection::NotLockHolder {
+                    current: 4,
+                })),
                 Code::FailedPrecondition,
             ),
             (ServerError::MapNotReady, Code::Unavailable),
@@ -428,7 +434,9 @@ mod tests {
             assert!(error_detail(&status).is_some(), "{text}: no detail");
             assert!(!is_transport_failure(&status), "{text}");
         }
-        assert!(is_transport_failure(&Status::unavailable("tcp connect error")));
+        assert!(is_transport_failure(&Status::unavailable(
+            "tcp connect error"
+        )));
         assert!(is_transport_failure(&Status::deadline_exceeded("timeout")));
         assert!(!is_transport_failure(&Status::invalid_argument("bad")));
     }

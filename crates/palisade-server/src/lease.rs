@@ -127,15 +127,15 @@ async fn expire_leases(node: &Node, group: &RaftGroup) {
 /// shuts down.
 pub(crate) fn spawn_expiry(node: &Arc<Node>) {
     let weak = Arc::downgrade(node);
-    node.tasks().spawn("lease expiry", move |mut shutdown| async move {
-        while shutdown.sleep(EXPIRY_TICK).await {
-            let Some(node) = weak.upgrade() else { return };
-            for (id, group) in node.groups() {
-                if id != palisade_shard::META_GROUP {
-                    expire_leases(&node, &group).await;
+    node.tasks()
+        .spawn("lease expiry", move |mut shutdown| async move {
+            while shutdown.sleep(EXPIRY_TICK).await {
+                let Some(node) = weak.upgrade() else { return };
+                for (id, group) in node.groups() {
+                    if id != palisade_shard::META_GROUP {
+                        expire_leases(&node, &group).await;
+                    }
                 }
             }
-        }
-    });
+        });
 }
-

@@ -233,7 +233,11 @@ impl Node {
         }
         self.lease_clock.forget(group);
         self.store.destroy_group(group)?;
-        tracing::info!(node = self.id, group, "replica removed and its data deleted");
+        tracing::info!(
+            node = self.id,
+            group,
+            "replica removed and its data deleted"
+        );
         Ok(())
     }
 
@@ -409,7 +413,10 @@ impl Node {
             let st = group.replica_state().await;
             let leader_node = st
                 .leader
-                .map(|r| map.node_of(id, r).unwrap_or(if map.is_bootstrapped() { 0 } else { r }))
+                .map(|r| {
+                    map.node_of(id, r)
+                        .unwrap_or(if map.is_bootstrapped() { 0 } else { r })
+                })
                 .unwrap_or(0);
             groups.push(pb::LocalGroupStatus {
                 group_id: st.group,
@@ -576,29 +583,34 @@ fn spawn_history_retention(node: &Arc<Node>) {
     }
     let slack = (retention / 10).max(1);
     let weak = Arc::downgrade(node);
-    node.tasks.spawn("history retention", move |mut shutdown| async move {
-        while shutdown.sleep(Duration::from_secs(1)).await {
-            let Some(node) = weak.upgrade() else { return };
-            for (id, group) in node.registry.all() {
-                if id == META_GROUP {
-                    continue;
-                }
-                let state = group.state();
-                let target = state.revision().saturating_sub(retention);
-                if !group.is_leader() || target < state.compacted() + slack {
-                    continue;
-                }
-                let cmd = palisade_group::Command {
-                    request_id: None,
-                    op: palisade_group::CommandOp::Compact { revision: target },
-                };
-                match group.write(cmd, node.config.write_timeout).await {
-                    Ok(_) => tracing::debug!(group = id, revision = target, "history compacted"),
-                    Err(e) => tracing::debug!(group = id, error = %e, "history compaction skipped"),
+    node.tasks
+        .spawn("history retention", move |mut shutdown| async move {
+            while shutdown.sleep(Duration::from_secs(1)).await {
+                let Some(node) = weak.upgrade() else { return };
+                for (id, group) in node.registry.all() {
+                    if id == META_GROUP {
+                        continue;
+                    }
+                    let state = group.state();
+                    let target = state.revision().saturating_sub(retention);
+                    if !group.is_leader() || target < state.compacted() + slack {
+                        continue;
+                    }
+                    let cmd = palisade_group::Command {
+                        request_id: None,
+                        op: palisade_group::CommandOp::Compact { revision: target },
+                    };
+                    match group.write(cmd, node.config.write_timeout).await {
+                        Ok(_) => {
+                            tracing::debug!(group = id, revision = target, "history compacted")
+                        }
+                        Err(e) => {
+                            tracing::debug!(group = id, error = %e, "history compaction skipped")
+                        }
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// This process's resident set size, from `/proc/self/status` (Linux).

@@ -37,17 +37,18 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 pub(crate) fn spawn(node: &Arc<Node>) {
     let weak = Arc::downgrade(node);
     let mut maps = node.watch_map();
-    node.tasks().spawn("reconciler", move |mut shutdown| async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.wait() => return,
-                _ = maps.changed() => {}
-                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+    node.tasks()
+        .spawn("reconciler", move |mut shutdown| async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = maps.changed() => {}
+                    _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                }
+                let Some(node) = weak.upgrade() else { return };
+                node.reconcile().await;
             }
-            let Some(node) = weak.upgrade() else { return };
-            node.reconcile().await;
-        }
-    });
+        });
 }
 
 /// Whether `map` proves that replica `replica` of `group`, first opened on
@@ -93,7 +94,10 @@ impl Node {
             if group == META_GROUP {
                 continue;
             }
-            if let Err(e) = self.reconcile_group(&map, group, desired.get(&group).copied()).await {
+            if let Err(e) = self
+                .reconcile_group(&map, group, desired.get(&group).copied())
+                .await
+            {
                 tracing::warn!(node = self.id(), group, error = %e, "reconciling a replica failed");
             }
         }
@@ -157,7 +161,10 @@ mod tests {
     fn only_a_map_that_moved_past_a_replica_proves_it_removed() {
         let nodes: BTreeMap<u64, String> = (1..=4).map(|i| (i, format!("n{i}:1"))).collect();
         let mut map = ClusterMap::bootstrap(1, &nodes, 2, 3).unwrap();
-        assert!(!proven_removed(&ClusterMap::default(), 1, 1, 0), "no map, no proof");
+        assert!(
+            !proven_removed(&ClusterMap::default(), 1, 1, 0),
+            "no map, no proof"
+        );
         // Replica 3 of group 1 (node 3) is listed: not removed.
         assert!(!proven_removed(&map, 1, 3, 0));
         let epoch_before = map.groups[&1].epoch;
@@ -177,8 +184,12 @@ mod tests {
         stale.groups.get_mut(&1).unwrap().change = None;
         stale.groups.get_mut(&1).unwrap().epoch = epoch_before;
         assert!(!proven_removed(&stale, 1, new, added_at));
-        map.apply(&MapCommand::FinishReplicaChange { group: 1 }).unwrap();
-        assert!(proven_removed(&map, 1, 3, 0), "the replaced replica is gone");
+        map.apply(&MapCommand::FinishReplicaChange { group: 1 })
+            .unwrap();
+        assert!(
+            proven_removed(&map, 1, 3, 0),
+            "the replaced replica is gone"
+        );
         assert!(!proven_removed(&map, 1, new, added_at));
         // A dropped group is gone; an id the map never had is not proof.
         assert!(!proven_removed(&map, 9, 1, 0));

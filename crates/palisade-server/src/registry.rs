@@ -20,10 +20,7 @@ impl GroupRegistry {
 
     /// Every hosted group, by id.
     pub fn all(&self) -> Vec<(GroupId, Arc<RaftGroup>)> {
-        self.read()
-            .iter()
-            .map(|(id, g)| (*id, g.clone()))
-            .collect()
+        self.read().iter().map(|(id, g)| (*id, g.clone())).collect()
     }
 
     pub fn ids(&self) -> Vec<GroupId> {

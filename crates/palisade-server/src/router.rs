@@ -92,8 +92,13 @@ impl Node {
             if self.registry.get(group).is_some() {
                 return Ok(group);
             }
+            // A group this map has dropped (ids are never reused): the
+            // sender's map is the older one; route by ours.
+            let dropped = map.is_bootstrapped()
+                && !map.groups.contains_key(&group)
+                && group < map.next_group_id;
             let known = map.groups.get(&group).map_or(0, |g| g.epoch);
-            if epoch > known {
+            if epoch > known && !dropped {
                 return Err(ServerError::EpochMismatch {
                     group,
                     request_epoch: epoch,
@@ -138,19 +143,28 @@ impl Node {
         R: Fn(Channel, Request<Req>) -> RF,
         RF: Future<Output = Result<Response<Resp>, Status>>,
     {
-        self.check_serving()?;
+        self.check_serving().map_err(|e| self.to_status(e))?;
         let mut group = group;
-        let mut rerouted = false;
+        // The refusal that re-routed the request, returned if the re-route
+        // goes nowhere (this node's map may not know the new owner yet).
+        let mut refused: Option<ServerError> = None;
         loop {
             let Some(replica) = self.registry.get(group) else {
                 if route.forwarded {
+                    if let Some(e) = refused {
+                        return Err(self.to_status(e));
+                    }
                     return Err(not_leader_status(
                         group,
                         self.leader_hint(group).map(|p| (p.node, Some(p.addr))),
                         format!("node {} does not host group {group}", self.id()),
                     ));
                 }
-                let peer = self.pick_peer(group)?;
+                let peer = match (self.pick_peer(group), refused) {
+                    (Ok(p), _) => p,
+                    (Err(_), Some(e)) => return Err(self.to_status(e)),
+                    (Err(e), None) => return Err(self.to_status(e)),
+                };
                 return self.forward(group, &peer, kind, req, &remote).await;
             };
             let err = match local(replica.clone()).await {
@@ -158,11 +172,11 @@ impl Node {
                 Err(e) => e,
             };
             if let Some(owner) = err.moved_to()
-                && !rerouted
+                && refused.is_none()
                 && owner != group
             {
                 group = owner;
-                rerouted = true;
+                refused = Some(err);
                 continue;
             }
             if let ServerError::Group(GroupError::NotLeader {
@@ -197,7 +211,10 @@ impl Node {
         RF: Future<Output = Result<Response<Resp>, Status>>,
     {
         let channel = self.channels.get(&peer.addr).map_err(|e| {
-            Status::internal(format!("bad address {} of node {}: {e}", peer.addr, peer.node))
+            Status::internal(format!(
+                "bad address {} of node {}: {e}",
+                peer.addr, peer.node
+            ))
         })?;
         let mut request = Request::new(req);
         let md = request.metadata_mut();
@@ -356,10 +373,7 @@ impl LeaderCache {
 
     /// Every known leader, by group.
     pub fn all(&self) -> Vec<(GroupId, Peer)> {
-        self.lock()
-            .iter()
-            .map(|(g, p)| (*g, p.clone()))
-            .collect()
+        self.lock().iter().map(|(g, p)| (*g, p.clone())).collect()
     }
 
     fn next_probe(&self) -> usize {

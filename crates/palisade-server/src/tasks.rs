@@ -75,7 +75,10 @@ impl Tasks {
                 .await
                 .is_err()
             {
-                tracing::warn!(task = name, "background task did not stop in time; aborting it");
+                tracing::warn!(
+                    task = name,
+                    "background task did not stop in time; aborting it"
+                );
                 handle.abort();
             }
         }

@@ -25,5 +25,6 @@ pub use map::{
 };
 pub use plan::{Action, ChangeSpec, Observation, Policy, plan};
 pub use slots::{
-    LEASE_SLOT_FLAG, LeaseHome, SLOTS, Slot, SlotSet, fnv1a64, hash_tag, lease_home, lease_id, slot_of,
+    LEASE_SLOT_FLAG, LeaseHome, SLOTS, Slot, SlotSet, fnv1a64, hash_tag, lease_home, lease_id,
+    slot_of,
 };

@@ -519,7 +519,7 @@ impl ClusterMap {
         data_groups: u64,
     ) -> Result<ClusterMap, MapError> {
         let mut map = Self::bootstrap(cluster_id, voters, data_groups, voters.len() as u32)?;
-        let all = voters.iter().map(|(id, _)| (*id, Role::Voter));
+        let all = voters.keys().map(|id| (*id, Role::Voter));
         let with_learners: Vec<(NodeId, Role)> = all
             .chain(learners.keys().map(|id| (*id, Role::Learner)))
             .collect();
@@ -623,6 +623,7 @@ impl ClusterMap {
                 }
             }
             MapCommand::SetNodeState { node, state } => {
+                let groups = &self.groups;
                 let info = self
                     .nodes
                     .get_mut(node)
@@ -637,9 +638,21 @@ impl ClusterMap {
                         to: state.name().into(),
                     });
                 }
-                if *state == NodeState::Removed
-                    && self.groups.values().any(|g| g.nodes().contains(node))
-                {
+                // A node leaves holding at most a learner of the meta
+                // group: that is how it learns it was removed.
+                let holds_data = groups.iter().any(|(g, group)| {
+                    let nodes = group.nodes();
+                    if *g == META_GROUP {
+                        group.voter_nodes().contains(node)
+                            || group
+                                .change
+                                .and_then(|c| c.add)
+                                .is_some_and(|a| a.node == *node)
+                    } else {
+                        nodes.contains(node)
+                    }
+                });
+                if *state == NodeState::Removed && holds_data {
                     return Err(MapError::BadTransition {
                         node: *node,
                         from: info.state.name().into(),
@@ -1209,7 +1222,8 @@ mod tests {
             }),
             Err(MapError::AddressInUse { node: 1, .. })
         ));
-        // A node holding replicas cannot be marked removed.
+        // A node holding data replicas cannot be marked removed (a meta
+        // learner is fine: it learns that way that it was removed).
         map.apply(&MapCommand::SetNodeState {
             node: 1,
             state: NodeState::Draining,

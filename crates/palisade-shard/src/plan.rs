@@ -182,7 +182,19 @@ fn lifecycle(map: &ClusterMap, obs: &Observation) -> Vec<Action> {
             }
             NodeState::Serving if obs.down.contains(id) => out.push(Action::MarkDraining(*id)),
             NodeState::Draining => {
-                let holds = map.groups.values().any(|g| g.nodes().contains(id));
+                // It may keep a meta learner: it learns that way that it
+                // was removed (the learner goes once it is).
+                let holds = map.groups.iter().any(|(g, info)| {
+                    if *g == META_GROUP {
+                        info.voter_nodes().contains(id)
+                            || info
+                                .change
+                                .and_then(|c| c.add)
+                                .is_some_and(|a| a.node == *id)
+                    } else {
+                        info.nodes().contains(id)
+                    }
+                });
                 if !holds {
                     out.push(Action::MarkRemoved(*id));
                 }
@@ -268,32 +280,47 @@ fn repair(map: &ClusterMap, obs: &Observation, g: GroupId, info: &GroupInfo) -> 
         .map(|(id, r)| (*id, r.node))
         .collect();
     let staying: BTreeSet<NodeId> = voters.values().filter(|n| !leaving(n)).copied().collect();
+    let removed = |node: &NodeId| {
+        map.nodes
+            .get(node)
+            .is_none_or(|n| n.state == NodeState::Removed)
+    };
     // 1. Replicas on nodes that leave.
     for (id, r) in &info.replicas {
         if !leaving(&r.node) {
             continue;
         }
         if r.role == Role::Learner {
+            // A draining node keeps its meta learner until it is removed.
+            if g == META_GROUP && !removed(&r.node) {
+                continue;
+            }
             return Some(Action::ChangeReplicas(ChangeSpec {
                 remove: Some(*id),
                 ..change(g)
             }));
         }
+        if g == META_GROUP {
+            // Meta voters leave as learners (see above); a learner on a
+            // serving node takes the vote when the count needs it.
+            let target = voter_target(map, g);
+            let promote = if staying.len() < target {
+                promotable_meta_learner(map, obs, info)
+            } else {
+                None
+            };
+            if promote.is_none() && staying.is_empty() {
+                continue;
+            }
+            return Some(Action::ChangeReplicas(ChangeSpec {
+                demote: Some(*id),
+                promote,
+                ..change(g)
+            }));
+        }
         let target = voter_target(map, g);
         let add = if staying.len() < target {
-            if g == META_GROUP {
-                // Promote a meta learner on a serving voting node.
-                if let Some(p) = promotable_meta_learner(map, obs, info) {
-                    return Some(Action::ChangeReplicas(ChangeSpec {
-                        remove: Some(*id),
-                        promote: Some(p),
-                        ..change(g)
-                    }));
-                }
-                None
-            } else {
-                best_node(map, obs, info, &staying).map(|n| (n, Role::Voter))
-            }
+            best_node(map, obs, info, &staying).map(|n| (n, Role::Voter))
         } else {
             None
         };
@@ -734,7 +761,18 @@ mod tests {
         assert!(taken.contains(&Action::MarkRemoved(5)));
         for (g, info) in &map.groups {
             assert_eq!(info.voter_nodes(), [1, 2, 3].into(), "group {g}");
+            assert_eq!(info.nodes(), [1, 2, 3].into(), "group {g}: no learner left");
         }
+        // The meta voters left as learners first, so the drained nodes
+        // could learn they were removed.
+        assert!(taken.iter().any(|a| matches!(
+            a,
+            Action::ChangeReplicas(ChangeSpec {
+                group: META_GROUP,
+                demote: Some(4 | 5),
+                ..
+            })
+        )));
         // Replacements were joint changes: add and remove in one step.
         assert!(taken.iter().any(|a| matches!(
             a,

@@ -200,12 +200,11 @@ enum RecordHome {
 
 fn record_home(encoded: &[u8]) -> RecordHome {
     match encoded.first() {
-        Some(&USER) => decode_user_key(encoded).map_or(RecordHome::Group, |k| {
-            RecordHome::Slot(slot_of(k))
-        }),
-        Some(&HISTORY) => decode_history_key(encoded).map_or(RecordHome::Group, |(k, _)| {
-            RecordHome::Slot(slot_of(&k))
-        }),
+        Some(&USER) => {
+            decode_user_key(encoded).map_or(RecordHome::Group, |k| RecordHome::Slot(slot_of(k)))
+        }
+        Some(&HISTORY) => decode_history_key(encoded)
+            .map_or(RecordHome::Group, |(k, _)| RecordHome::Slot(slot_of(&k))),
         Some(&LOCK) => RecordHome::Slot(slot_of(&encoded[1..])),
         Some(&LEASE) => match decode_lease_key(encoded).and_then(lease_home) {
             Some(LeaseHome::Slot(s)) => RecordHome::Slot(s),
@@ -1123,7 +1122,10 @@ impl StateBatch<'_> {
     /// source's revisions, so the moved keys' revisions (and fencing tokens)
     /// keep increasing in their new group.
     pub fn set_rev_offset(&mut self, offset: u64) -> Result<(), StoreError> {
-        debug_assert!(offset >= self.rev_offset(), "the revision offset only grows");
+        debug_assert!(
+            offset >= self.rev_offset(),
+            "the revision offset only grows"
+        );
         self.offset = Some(offset);
         self.set_meta(REV_OFFSET, &offset)
     }
@@ -1680,7 +1682,11 @@ mod tests {
         for i in 0..40 {
             write(&t, i + 1, format!("k{i}").as_bytes(), Some(b"v"));
         }
-        let mine = SlotSet::of((0..40).map(|i| slot_of(format!("k{i}").as_bytes())).take(20));
+        let mine = SlotSet::of(
+            (0..40)
+                .map(|i| slot_of(format!("k{i}").as_bytes()))
+                .take(20),
+        );
         let owned_keys = keys_in(&mine, 40);
         let other = (0..40)
             .map(|i| format!("k{i}").into_bytes())
@@ -1698,8 +1704,14 @@ mod tests {
             Err(StoreError::NotOwned { moved_to, .. }) => assert_eq!(moved_to, Some(7)),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(t.get_at(&other, 40), Err(StoreError::NotOwned { .. })));
-        assert!(matches!(t.history(&other), Err(StoreError::NotOwned { .. })));
+        assert!(matches!(
+            t.get_at(&other, 40),
+            Err(StoreError::NotOwned { .. })
+        ));
+        assert!(matches!(
+            t.history(&other),
+            Err(StoreError::NotOwned { .. })
+        ));
         assert!(matches!(t.lock(&other), Err(StoreError::NotOwned { .. })));
         let scan = t.scan(b"", None, 1000).unwrap();
         let scanned: Vec<Vec<u8>> = scan.records.into_iter().map(|(k, _)| k).collect();
@@ -1727,16 +1739,35 @@ mod tests {
             write(&src, 2 * i + 1, format!("k{i}").as_bytes(), Some(b"one"));
             write(&src, 2 * i + 2, format!("k{i}").as_bytes(), Some(b"two"));
         }
-        let moving = SlotSet::of((0..30).map(|i| slot_of(format!("k{i}").as_bytes())).take(10));
+        let moving = SlotSet::of(
+            (0..30)
+                .map(|i| slot_of(format!("k{i}").as_bytes()))
+                .take(10),
+        );
         let moved = keys_in(&moving, 30);
         let lock_name = moved[0].clone();
         let moved_lease = palisade_shard::lease_id(slot_of(&moved[0]), 5);
         let staying_lease = palisade_shard::lease_id(4095, 6);
         let legacy_lease = (1u64 << 48) | 9;
         let mut b = src.batch();
-        b.lock_put(&lock_name, &LockRecord { lease: moved_lease, token: 33, term: 1 }).unwrap();
+        b.lock_put(
+            &lock_name,
+            &LockRecord {
+                lease: moved_lease,
+                token: 33,
+                term: 1,
+            },
+        )
+        .unwrap();
         for id in [moved_lease, staying_lease, legacy_lease] {
-            b.lease_put(id, &LeaseRecord { ttl_ms: 1000, ..LeaseRecord::default() }).unwrap();
+            b.lease_put(
+                id,
+                &LeaseRecord {
+                    ttl_ms: 1000,
+                    ..LeaseRecord::default()
+                },
+            )
+            .unwrap();
         }
         b.dedup_put(5, 1, vec![1]);
         b.set_applied(61);
@@ -1782,7 +1813,11 @@ mod tests {
         let mut b = src.batch();
         let deleted = b.delete_slots(&moving).unwrap();
         b.commit().unwrap();
-        assert_eq!(deleted, moved.len() * 2 + 2, "records, history, a lock, a lease");
+        assert_eq!(
+            deleted,
+            moved.len() * 2 + 2,
+            "records, history, a lock, a lease"
+        );
         assert_eq!(src.user_key_count().unwrap(), 30 - moved.len());
         assert!(src.lease(legacy_lease).unwrap().is_some());
         assert!(src.lease(staying_lease).unwrap().is_some());

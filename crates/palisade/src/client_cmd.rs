@@ -630,11 +630,7 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
     let _ = writeln!(
         out,
         "cluster {:016x}  map epoch {}  {} data groups (target {})  {} voters per group",
-        map.cluster_id,
-        map.epoch,
-        s.data_groups,
-        map.target_groups,
-        map.replication
+        map.cluster_id, map.epoch, s.data_groups, map.target_groups, map.replication
     );
     if let Some(m) = &map.moving {
         let _ = writeln!(
@@ -683,7 +679,10 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
         let _ = writeln!(out, "(* a read replica: learners only)");
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "GROUP  EPOCH  SLOTS  VOTERS          LEARNERS   CHANGE");
+    let _ = writeln!(
+        out,
+        "GROUP  EPOCH  SLOTS  VOTERS          LEARNERS   CHANGE"
+    );
     for g in &map.groups {
         let nodes = |voter: bool| {
             let ids: Vec<String> = g
@@ -708,7 +707,11 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
             "{:<6} {:<6} {:<6} {:<15} {:<10} {}",
             name,
             g.epoch,
-            if g.id == 0 { "-".to_string() } else { g.slots.to_string() },
+            if g.id == 0 {
+                "-".to_string()
+            } else {
+                g.slots.to_string()
+            },
             nodes(true),
             nodes(false),
             if g.change.is_empty() { "-" } else { &g.change }

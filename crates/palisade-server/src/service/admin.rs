@@ -13,9 +13,7 @@ use palisade_proto::v1 as pb;
 use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::admin_server::Admin;
 use palisade_proto::v1::peer_client::PeerClient;
-use palisade_shard::{
-    ClusterMap, META_GROUP, MapCommand, MapResult, NodeKind, NodeState, Role,
-};
+use palisade_shard::{ClusterMap, META_GROUP, MapCommand, MapResult, NodeKind, NodeState, Role};
 use palisade_storage::StoreError;
 use tonic::{Request, Response, Status};
 
@@ -39,7 +37,7 @@ macro_rules! on_meta_leader {
             META_GROUP,
             Kind::Write,
             route,
-            req.clone(),
+            Clone::clone(&req),
             |meta: Arc<RaftGroup>| async move {
                 if !meta.is_leader() {
                     return Err(ServerError::Group(GroupError::NotLeader {
@@ -318,7 +316,10 @@ impl Admin for AdminService {
                         }
                     };
                     let map = node.map();
-                    tracing::info!(node = id, "node registered; it joins as a meta learner first");
+                    tracing::info!(
+                        node = id,
+                        "node registered; it joins as a meta learner first"
+                    );
                     Ok(pb::JoinNodeResponse {
                         node_id: id,
                         cluster_id: map.cluster_id,
@@ -354,7 +355,11 @@ impl Admin for AdminService {
                             },
                         )
                         .await?;
-                        tracing::warn!(node = id, dead, "draining node: its replicas move to the others");
+                        tracing::warn!(
+                            node = id,
+                            dead,
+                            "draining node: its replicas move to the others"
+                        );
                     }
                     let map = node.map();
                     Ok(pb::DrainNodeResponse {
@@ -431,11 +436,9 @@ impl Admin for AdminService {
                 let node = node.clone();
                 let (group, to) = (r.group_id, r.node_id);
                 async move {
-                    transfer_leader(&node, group, to)
-                        .await
-                        .map_err(|e| {
-                            ServerError::Group(GroupError::Membership { group, reason: e })
-                        })?;
+                    transfer_leader(&node, group, to).await.map_err(|e| {
+                        ServerError::Group(GroupError::Membership { group, reason: e })
+                    })?;
                     let term = node
                         .group(group)
                         .map_or(0, |g| g.raft().metrics().borrow().current_term);
@@ -517,8 +520,8 @@ impl Admin for AdminService {
         let route = RouteInfo::of(request.metadata());
         let req = request.into_inner();
         let map = self.node.map();
-        let known = map.groups.contains_key(&req.group_id)
-            || self.node.group(req.group_id).is_some();
+        let known =
+            map.groups.contains_key(&req.group_id) || self.node.group(req.group_id).is_some();
         if req.group_id == META_GROUP || !known {
             return Err(ServerError::UnknownGroup(req.group_id).into());
         }
@@ -531,7 +534,7 @@ impl Admin for AdminService {
             req.group_id,
             Kind::Write,
             route,
-            req.clone(),
+            Clone::clone(&req),
             |group| async move {
                 if !group.is_leader() {
                     return Err(ServerError::Group(GroupError::NotLeader {

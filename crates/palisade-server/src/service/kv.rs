@@ -310,7 +310,9 @@ impl Kv for KvService {
         let txn = validate::put_txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
         let ack = validate::write_ack(req.ack)?;
-        let group = self.txn_group(&txn, &route).map_err(|e| self.node.to_status(e))?;
+        let group = self
+            .txn_group(&txn, &route)
+            .map_err(|e| self.node.to_status(e))?;
         let r = &req;
         self.node
             .dispatch(
@@ -403,7 +405,9 @@ impl Kv for KvService {
         let txn = validate::delete_txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
         let ack = validate::write_ack(req.ack)?;
-        let group = self.txn_group(&txn, &route).map_err(|e| self.node.to_status(e))?;
+        let group = self
+            .txn_group(&txn, &route)
+            .map_err(|e| self.node.to_status(e))?;
         let r = &req;
         self.node
             .dispatch(
@@ -572,7 +576,9 @@ impl Kv for KvService {
         let txn = validate::txn(&self.node.config.limits, &req)?;
         let rid = validate::request_id(req.request_id.as_ref())?;
         let ack = validate::write_ack(req.ack)?;
-        let group = self.txn_group(&txn, &route).map_err(|e| self.node.to_status(e))?;
+        let group = self
+            .txn_group(&txn, &route)
+            .map_err(|e| self.node.to_status(e))?;
         let first_key = txn.keys().next().map(<[u8]>::to_vec).unwrap_or_default();
         let r = &req;
         let first_key = &first_key;
@@ -587,7 +593,11 @@ impl Kv for KvService {
                     async move {
                         let res = self.write(&g, rid, txn, ack).await?;
                         let header = self.header(&g, res.revision);
-                        let branch = if res.succeeded { &r.success } else { &r.failure };
+                        let branch = if res.succeeded {
+                            &r.success
+                        } else {
+                            &r.failure
+                        };
                         let responses = branch
                             .iter()
                             .zip(res.results)

@@ -64,7 +64,8 @@ fn must_lead(group: &RaftGroup) -> Result<(), ServerError> {
 
 /// The group lease `id` lives in, by this node's map.
 fn lease_group(node: &Node, id: u64, route: &RouteInfo) -> Result<GroupId, ServerError> {
-    let not_ours = || ServerError::InvalidArgument(format!("{id} is not a lease id of this cluster"));
+    let not_ours =
+        || ServerError::InvalidArgument(format!("{id} is not a lease id of this cluster"));
     match lease_home(id).ok_or_else(not_ours)? {
         LeaseHome::Slot(slot) => {
             if let Some((g, _)) = route.hint
@@ -81,13 +82,8 @@ fn lease_group(node: &Node, id: u64, route: &RouteInfo) -> Result<GroupId, Serve
         }
         LeaseHome::LegacyGroup(g) => {
             let map = node.map();
-            let known = map.groups.contains_key(&g)
-                || node.legacy_groups().is_some_and(|n| g <= n);
-            if known {
-                Ok(g)
-            } else {
-                Err(not_ours())
-            }
+            let known = map.groups.contains_key(&g) || node.legacy_groups().is_some_and(|n| g <= n);
+            if known { Ok(g) } else { Err(not_ours()) }
         }
     }
 }
@@ -166,12 +162,7 @@ impl Lease for LeaseService {
             |g| async move {
                 must_lead(&g)?;
                 let term = term_of(&g);
-                let res = propose(
-                    node,
-                    &g,
-                    CommandOp::LeaseGrantIn { ttl_ms, slot },
-                )
-                .await?;
+                let res = propose(node, &g, CommandOp::LeaseGrantIn { ttl_ms, slot }).await?;
                 let Some(OpResult::LeaseGranted { id, ttl_ms }) = res.results.first().cloned()
                 else {
                     return Err(ServerError::FailedPrecondition(

@@ -112,10 +112,7 @@ impl Peer for PeerService {
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
         let id = request.get_ref().group_id;
-        let group = self
-            .node
-            .group(id)
-            .ok_or(ServerError::UnknownGroup(id))?;
+        let group = self.node.group(id).ok_or(ServerError::UnknownGroup(id))?;
         let index = group
             .leader_read_index(self.node.config.read_timeout)
             .await
