@@ -22,7 +22,11 @@
 //!   search succeeds as soon as every `ok` operation is linearized. An `info`
 //!   read constrains nothing and is dropped.
 //!
-//! A step budget per key turns a runaway search into `Unknown`.
+//! A budget per key — time (60 s by default), and a cap on the memo so a
+//! long search cannot exhaust memory — turns a runaway search into
+//! `Unknown`. A time budget rather than a step count: hard but checkable
+//! histories (8,000 operations on one key) need a few seconds of search,
+//! which no fixed step count fits across machines.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -33,8 +37,63 @@ use serde_json::Value;
 
 use crate::history::{F, History, Op, Outcome};
 
-/// Default search steps per key before giving up with `Unknown`.
-pub const DEFAULT_BUDGET: u64 = 20_000_000;
+/// How much search one key may take before its verdict is `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Wall-clock time per key.
+    pub time: std::time::Duration,
+    /// Search steps per key.
+    pub steps: u64,
+    /// Configurations remembered per key (16 bytes each, plus the set's
+    /// overhead): bounds the memory of one search.
+    pub memo: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            time: std::time::Duration::from_secs(60),
+            steps: u64::MAX,
+            memo: 64 << 20,
+        }
+    }
+}
+
+impl Budget {
+    /// The default budget with `time` per key.
+    pub fn time(time: std::time::Duration) -> Self {
+        Self {
+            time,
+            ..Self::default()
+        }
+    }
+
+    /// The default budget, but at most `steps` steps per key.
+    pub fn steps(steps: u64) -> Self {
+        Self {
+            steps,
+            ..Self::default()
+        }
+    }
+}
+
+/// Which part of the budget ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    Time,
+    Steps,
+    Memory,
+}
+
+impl std::fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Exhausted::Time => "time",
+            Exhausted::Steps => "steps",
+            Exhausted::Memory => "memory",
+        })
+    }
+}
 
 /// The verdict for one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +104,7 @@ pub enum KeyVerdict {
     /// The budget ran out first.
     Unknown {
         steps: u64,
+        exhausted: Exhausted,
     },
 }
 
@@ -96,7 +156,7 @@ impl Report<'_> {
 }
 
 /// Checks every key of `history`, using up to `threads` threads.
-pub fn check(history: &History, budget: u64, threads: usize) -> Report<'_> {
+pub fn check(history: &History, budget: Budget, threads: usize) -> Report<'_> {
     let by_key: Vec<(&str, Vec<&Op>)> = history.by_key().into_iter().collect();
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<KeyResult<'_>>>> = Mutex::new(vec![None; by_key.len()]);
@@ -189,7 +249,8 @@ struct Entry {
 }
 
 /// Checks one key's operations; returns the verdict and steps taken.
-pub fn check_key(ops: &[&Op], budget: u64) -> (KeyVerdict, u64) {
+pub fn check_key(ops: &[&Op], budget: Budget) -> (KeyVerdict, u64) {
+    let started = std::time::Instant::now();
     let mut interner = Interner::new();
     let observed = observed_values(ops);
     // The ops that constrain the search, with their index in `ops`.
@@ -303,8 +364,17 @@ pub fn check_key(ops: &[&Op], budget: u64) -> (KeyVerdict, u64) {
             return (KeyVerdict::Linearizable, steps);
         }
         steps += 1;
-        if steps > budget {
-            return (KeyVerdict::Unknown { steps }, steps);
+        let exhausted = if steps > budget.steps {
+            Some(Exhausted::Steps)
+        } else if seen.len() >= budget.memo {
+            Some(Exhausted::Memory)
+        } else if steps.is_multiple_of(4096) && started.elapsed() > budget.time {
+            Some(Exhausted::Time)
+        } else {
+            None
+        };
+        if let Some(exhausted) = exhausted {
+            return (KeyVerdict::Unknown { steps, exhausted }, steps);
         }
         // The list always ends with a return: ok returns come before info
         // returns, and reaching an info return means every ok op was

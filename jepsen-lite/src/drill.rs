@@ -37,11 +37,27 @@
 //! `--learners N` adds read replicas that the workload also sends
 //! operations to (faults hit only voters).
 //!
+//! - `membership`: change the cluster's shape while the workload runs —
+//!   a spare node joins (`palisade start --join`), a node drains, a node is
+//!   killed and removed (`node remove`), a replica moves, a leader is
+//!   transferred, the hash group count changes (`set-groups`). Kills, pauses
+//!   and partitions then hit whatever nodes are members at the time, and
+//!   the changes themselves run in the background, interleaved with them.
+//!
 //! At the end every fault is healed, the runner waits for the cluster to
-//! recover, reads every key once more (so a lost acknowledged write shows up
-//! as a violation), writes `history.jsonl`, `results.json` and `report.html`,
-//! and exits non-zero if the history is not linearizable or the cluster did
-//! not recover.
+//! recover (and, with `membership`, for every recorded change to finish),
+//! reads every key once more (so a lost acknowledged write shows up as a
+//! violation), writes `history.jsonl`, `results.json` and `report.html`, and
+//! exits non-zero if the history is not linearizable or the cluster did not
+//! recover.
+//!
+//! # Honesty gates
+//!
+//! A drill that could not do what it claims fails (exit 1) instead of
+//! passing vacuously: a scheduled fault that could not be applied (an
+//! iptables rule that did not go in, an admin call the cluster never took),
+//! no fault at all when a nemesis was asked for, a worker that never got an
+//! answer, or fewer than `--min-ok` acknowledged operations.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -114,6 +130,12 @@ pub struct DrillArgs {
     /// Read replicas (learners) in the cluster; the workload uses them too.
     #[arg(long, default_value_t = 0)]
     pub learners: u64,
+    /// With the `membership` nemesis: nodes that may join during the drill.
+    #[arg(long, default_value_t = 2)]
+    pub spare_nodes: u64,
+    /// Fewest acknowledged operations for a drill to count.
+    #[arg(long, default_value_t = 100)]
+    pub min_ok: u64,
 }
 
 /// Read consistency levels a drill can use.
@@ -372,8 +394,14 @@ pub fn links_between(sides: &[Vec<u64>]) -> Vec<(u64, u64)> {
 
 /// Directed links cut by a ring of majorities (each node talks to its
 /// neighbours only) or a bridge (two halves joined by one node).
-fn partition_plan(mode: &str, n: u64, target: u64, rng: &mut StdRng) -> (String, Vec<(u64, u64)>) {
-    let all: Vec<u64> = (1..=n).collect();
+fn partition_plan(
+    mode: &str,
+    members: &[u64],
+    target: u64,
+    rng: &mut StdRng,
+) -> (String, Vec<(u64, u64)>) {
+    let all: Vec<u64> = members.to_vec();
+    let n = all.len();
     match mode {
         "isolate" | "isolate-leader" => {
             let rest: Vec<u64> = all.iter().copied().filter(|x| *x != target).collect();
@@ -387,32 +415,34 @@ fn partition_plan(mode: &str, n: u64, target: u64, rng: &mut StdRng) -> (String,
             for i in (1..shuffled.len()).rev() {
                 shuffled.swap(i, rng.gen_range(0..=i));
             }
-            let (minority, majority) = shuffled.split_at((n / 2) as usize);
+            let (minority, majority) = shuffled.split_at(n / 2);
             (
                 format!("halves {minority:?} | {majority:?}"),
                 links_between(&[minority.to_vec(), majority.to_vec()]),
             )
         }
         "ring" => {
-            // Node i hears only from i±1 (mod n): every node sees a majority
-            // (itself and two neighbours of five), but no two majorities agree.
+            // Each node hears only from its two neighbours in the ring:
+            // every node sees a majority (itself and two neighbours of
+            // five), but no two majorities agree.
             let mut links = Vec::new();
-            for a in 1..=n {
-                for b in 1..=n {
-                    let d = (a + n - b) % n;
-                    if a != b && d != 1 && d != n - 1 {
-                        links.push((a, b));
+            for (i, a) in all.iter().enumerate() {
+                for (j, b) in all.iter().enumerate() {
+                    let d = (i + n - j) % n;
+                    if i != j && d != 1 && d != n - 1 {
+                        links.push((*a, *b));
                     }
                 }
             }
             ("majorities ring".into(), links)
         }
         _ => {
-            // bridge: {1,2} and {4,5} can't talk; 3 talks to everyone.
-            let left: Vec<u64> = all.iter().copied().take((n / 2) as usize).collect();
-            let right: Vec<u64> = all.iter().copied().skip((n / 2 + 1) as usize).collect();
+            // bridge: the lower and upper halves can't talk; the middle
+            // node talks to everyone.
+            let left: Vec<u64> = all.iter().copied().take(n / 2).collect();
+            let right: Vec<u64> = all.iter().copied().skip(n / 2 + 1).collect();
             (
-                format!("bridge {left:?} - {} - {right:?}", n / 2 + 1),
+                format!("bridge {left:?} - {} - {right:?}", all[n / 2]),
                 links_between(&[left, right]),
             )
         }
@@ -422,32 +452,80 @@ fn partition_plan(mode: &str, n: u64, target: u64, rng: &mut StdRng) -> (String,
 struct Drill {
     args: DrillArgs,
     cluster: tokio::sync::Mutex<TestCluster>,
-    endpoints: Vec<String>,
+    /// Every node's client address, spares included (by id).
+    addrs: BTreeMap<u64, String>,
     ips: BTreeMap<u64, String>,
+    /// Nodes that are members now (serving or joining; not drained or
+    /// removed): the ones faults hit and the workload talks to.
+    members: Mutex<std::collections::BTreeSet<u64>>,
+    /// Nodes that may still join.
+    spares: Mutex<Vec<u64>>,
+    /// Nodes drained or removed during the drill (stopped at the end).
+    departed: Mutex<Vec<u64>>,
+    /// Scheduled faults that could not be applied.
+    fault_errors: Mutex<Vec<String>>,
+    /// Acknowledged operations, in total and per worker.
+    ok_ops: AtomicU64,
+    worker_ok: Mutex<BTreeMap<usize, u64>>,
     recorder: Recorder,
     next_process: AtomicU64,
     ops_started: AtomicU64,
     stop: AtomicBool,
 }
 
-/// A raw gRPC stub per node: the workload picks the node per operation.
+impl Drill {
+    fn members(&self) -> Vec<u64> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Client addresses of the current members.
+    fn endpoints(&self) -> Vec<String> {
+        self.members()
+            .iter()
+            .filter_map(|id| self.addrs.get(id).cloned())
+            .collect()
+    }
+
+    fn fault_error(&self, what: String) {
+        eprintln!("FAULT NOT APPLIED: {what}");
+        self.fault_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(what);
+    }
+}
+
+/// Lazily connected raw gRPC channels, one per node address: the workload
+/// picks the node per operation.
 struct Stubs {
-    channels: Vec<Channel>,
+    timeout: Duration,
+    channels: BTreeMap<String, Channel>,
 }
 
 impl Stubs {
-    fn new(endpoints: &[String], timeout: Duration) -> anyhow::Result<Self> {
-        let channels = endpoints
-            .iter()
-            .map(|e| {
-                Ok(Endpoint::from_shared(format!("http://{e}"))?
-                    .connect_timeout(timeout)
-                    .timeout(timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy())
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self { channels })
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            channels: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, addr: &str) -> anyhow::Result<Channel> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        self.channels.insert(addr.to_string(), c.clone());
+        Ok(c)
     }
 }
 
@@ -597,22 +675,29 @@ impl Drill {
     }
 
     /// One client process loop; returns when the drill stops.
-    async fn worker(self: Arc<Self>, seed: u64, values: Arc<AtomicU64>) {
+    async fn worker(self: Arc<Self>, index: usize, seed: u64, values: Arc<AtomicU64>) {
         let mut rng = StdRng::seed_from_u64(seed);
         let timeout = Duration::from_millis(self.args.op_timeout_ms);
-        let Ok(stubs) = Stubs::new(&self.endpoints, timeout) else {
-            return;
-        };
+        let mut stubs = Stubs::new(timeout);
         let mut process = self.next_process.fetch_add(1, Ordering::Relaxed);
         let mut last_seen: Value = Value::Null;
         let mut session = ReadSession::new(
             self.args.read_consistency.proto(),
             self.args.max_staleness_ms,
         );
+        let mut ok = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let key = self.key_name();
-            let node = rng.gen_range(0..stubs.channels.len());
-            let mut kv = KvClient::new(stubs.channels[node].clone());
+            let endpoints = self.endpoints();
+            let Some(addr) = endpoints.get(rng.gen_range(0..endpoints.len().max(1))) else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(channel) = stubs.get(addr) else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let mut kv = KvClient::new(channel);
             let roll = rng.gen_range(0..10);
             let (f, invoke_value) = match roll {
                 0..=4 => (F::Read, Value::Null),
@@ -629,6 +714,10 @@ impl Drill {
             if f == F::Read && kind == Kind::Ok {
                 last_seen = value.clone();
             }
+            if kind == Kind::Ok {
+                ok += 1;
+                self.ok_ops.fetch_add(1, Ordering::Relaxed);
+            }
             self.recorder
                 .record_with(process, kind, f, &key, value, revision);
             if kind == Kind::Info {
@@ -644,23 +733,33 @@ impl Drill {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(5..50))).await;
             }
         }
+        self.worker_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index, ok);
     }
 
-    async fn leader_of_random_group(&self, rng: &mut StdRng) -> Option<u64> {
-        let client = Client::with_config({
-            let mut c = palisade_client::ClientConfig::new(self.endpoints.clone());
-            c.request_timeout = Duration::from_secs(2);
-            c.attempt_timeout = Duration::from_millis(700);
+    /// A client of the current members (short deadlines).
+    async fn admin_client(&self) -> Option<Client> {
+        Client::with_config({
+            let mut c = palisade_client::ClientConfig::new(self.endpoints());
+            c.request_timeout = Duration::from_secs(3);
+            c.attempt_timeout = Duration::from_millis(1500);
             c
         })
         .await
-        .ok()?;
+        .ok()
+    }
+
+    async fn leader_of_random_group(&self, rng: &mut StdRng) -> Option<u64> {
+        let client = self.admin_client().await?;
         let status = client.cluster_status().await.ok()?;
+        let members = self.members();
         let leaders: Vec<u64> = status
             .groups
             .iter()
             .map(|g| g.leader_id)
-            .filter(|l| *l != 0)
+            .filter(|l| members.contains(l))
             .collect();
         (!leaders.is_empty()).then(|| leaders[rng.gen_range(0..leaders.len())])
     }
@@ -676,7 +775,6 @@ impl Drill {
             .filter(|k| k.as_str() != "none")
             .cloned()
             .collect();
-        let n = self.args.nodes;
         let deadline = self.recorder.start + self.args.time;
         loop {
             let quiet = Duration::from_millis(rng.gen_range(1500..3500));
@@ -685,15 +783,22 @@ impl Drill {
             if kinds.is_empty() || Instant::now() + hold + Duration::from_secs(1) > deadline {
                 break;
             }
+            let members = self.members();
+            let n = members.len() as u64;
+            let pick = |rng: &mut StdRng| members[rng.gen_range(0..members.len())];
             let kind = kinds[rng.gen_range(0..kinds.len())].clone();
             let start_ns = self.recorder.now_ns();
             let description = match kind.as_str() {
                 "kill" => {
                     let targets: Vec<u64> = match rng.gen_range(0..3) {
-                        0 => vec![rng.gen_range(1..=n)],
-                        1 => vec![self.leader_of_random_group(&mut rng).await.unwrap_or(1)],
+                        0 => vec![pick(&mut rng)],
+                        1 => vec![
+                            self.leader_of_random_group(&mut rng)
+                                .await
+                                .unwrap_or_else(|| pick(&mut rng)),
+                        ],
                         _ => {
-                            let mut all: Vec<u64> = (1..=n).collect();
+                            let mut all = members.clone();
                             for i in (1..all.len()).rev() {
                                 all.swap(i, rng.gen_range(0..=i));
                             }
@@ -710,15 +815,19 @@ impl Drill {
                     tokio::time::sleep(hold).await;
                     let mut c = self.cluster.lock().await;
                     for t in &targets {
-                        c.restart(*t);
+                        if self.members().contains(t) {
+                            c.restart(*t);
+                        }
                     }
                     format!("kill -9 {targets:?}, restart after {hold:?}")
                 }
                 "pause" => {
                     let target = if rng.gen_bool(0.5) {
-                        self.leader_of_random_group(&mut rng).await.unwrap_or(1)
+                        self.leader_of_random_group(&mut rng)
+                            .await
+                            .unwrap_or_else(|| pick(&mut rng))
                     } else {
-                        rng.gen_range(1..=n)
+                        pick(&mut rng)
                     };
                     self.cluster.lock().await.pause(target);
                     tokio::time::sleep(hold).await;
@@ -733,20 +842,29 @@ impl Drill {
                     }
                     let mode = modes[rng.gen_range(0..modes.len())];
                     let target = if mode == "isolate-leader" {
-                        self.leader_of_random_group(&mut rng).await.unwrap_or(1)
+                        self.leader_of_random_group(&mut rng)
+                            .await
+                            .unwrap_or_else(|| pick(&mut rng))
                     } else {
-                        rng.gen_range(1..=n)
+                        pick(&mut rng)
                     };
-                    let (what, links) = partition_plan(mode, n, target, &mut rng);
+                    let (what, links) = partition_plan(mode, &members, target, &mut rng);
                     if let Err(e) = fw.cut(&self.ips, &links) {
-                        eprintln!("partition failed: {e:#}");
+                        self.fault_error(format!("partition {what}: {e:#}"));
                     }
                     tokio::time::sleep(hold).await;
                     if let Err(e) = fw.heal() {
-                        eprintln!("healing the partition failed: {e:#}");
+                        self.fault_error(format!("healing the partition: {e:#}"));
                     }
                     format!("partition: {what} for {hold:?}")
                 }
+                "membership" => match self.membership(&mut rng).await {
+                    Ok(what) => what,
+                    Err(e) => {
+                        self.fault_error(format!("membership: {e:#}"));
+                        continue;
+                    }
+                },
                 other => {
                     eprintln!("unknown nemesis {other:?}; skipping");
                     continue;
@@ -762,11 +880,164 @@ impl Drill {
         }
         faults
     }
+
+    /// One change of the cluster's shape (see the module doc); returns what
+    /// it did. The change is recorded by the cluster when this returns; it
+    /// completes in the background while the drill goes on.
+    async fn membership(&self, rng: &mut StdRng) -> anyhow::Result<String> {
+        let client = self
+            .admin_client()
+            .await
+            .context("no member answered the admin client")?;
+        let status = client.cluster_status().await.context("cluster status")?;
+        let map = status.map.clone().context("no cluster map yet")?;
+        let members = self.members();
+        let spares = self
+            .spares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Keep three members: the replication factor.
+        let can_shrink = members.len() > 3;
+        let mut actions = vec!["move-replica", "transfer-leader", "set-groups"];
+        if !spares.is_empty() {
+            actions.extend(["join", "join"]);
+        }
+        if can_shrink {
+            actions.extend(["drain", "remove-killed"]);
+        }
+        let action = actions[rng.gen_range(0..actions.len())];
+        let data: Vec<&pb::MapGroup> = map.groups.iter().filter(|g| g.id != 0).collect();
+        let voters = |g: &pb::MapGroup| -> Vec<u64> {
+            g.replicas
+                .iter()
+                .filter(|r| r.role == pb::ReplicaRole::Voter as i32)
+                .map(|r| r.node_id)
+                .collect()
+        };
+        match action {
+            "join" => {
+                let id = self
+                    .spares
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop()
+                    .context("no spare")?;
+                self.cluster.lock().await.join(id, &[]);
+                self.members
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                Ok(format!("node {id} joins"))
+            }
+            "drain" | "remove-killed" => {
+                let victim = members[rng.gen_range(0..members.len())];
+                let dead = action == "remove-killed";
+                if dead {
+                    self.cluster.lock().await.kill(victim);
+                }
+                self.members
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&victim);
+                self.departed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(victim);
+                retry_admin(|| client.drain_node(victim, dead)).await?;
+                Ok(if dead {
+                    format!("kill -9 node {victim}, then node remove {victim}")
+                } else {
+                    format!("node drain {victim}")
+                })
+            }
+            "move-replica" => {
+                // A group without a change in flight, a voter on a member,
+                // to a member without a replica of it.
+                let mut candidates = Vec::new();
+                for g in data.iter().filter(|g| g.change.is_empty()) {
+                    let holders: Vec<u64> = g.replicas.iter().map(|r| r.node_id).collect();
+                    let serving: Vec<u64> = map
+                        .nodes
+                        .iter()
+                        .filter(|n| {
+                            n.state == pb::NodeState::Serving as i32
+                                && !n.read_replica
+                                && members.contains(&n.id)
+                        })
+                        .map(|n| n.id)
+                        .collect();
+                    for from in voters(g).into_iter().filter(|n| members.contains(n)) {
+                        for to in serving.iter().filter(|n| !holders.contains(n)) {
+                            candidates.push((g.id, from, *to));
+                        }
+                    }
+                }
+                if candidates.is_empty() {
+                    let g = data[rng.gen_range(0..data.len())];
+                    let to = voters(g)[rng.gen_range(0..voters(g).len())];
+                    retry_admin(|| client.transfer_leader(g.id, to)).await?;
+                    return Ok(format!(
+                        "transfer group {}'s leadership to node {to} (no replica could move)",
+                        g.id
+                    ));
+                }
+                let (g, from, to) = candidates[rng.gen_range(0..candidates.len())];
+                retry_admin(|| client.move_replica(g, from, to)).await?;
+                Ok(format!(
+                    "move group {g}'s replica from node {from} to node {to}"
+                ))
+            }
+            "transfer-leader" => {
+                let g = data[rng.gen_range(0..data.len())];
+                let candidates: Vec<u64> = voters(g)
+                    .into_iter()
+                    .filter(|n| members.contains(n))
+                    .collect();
+                if candidates.is_empty() {
+                    bail!("group {} has no voter on a member", g.id);
+                }
+                let to = candidates[rng.gen_range(0..candidates.len())];
+                retry_admin(|| client.transfer_leader(g.id, to)).await?;
+                Ok(format!("transfer group {}'s leadership to node {to}", g.id))
+            }
+            _ => {
+                let current = map.target_groups;
+                let choices: Vec<u32> = [2u32, 3, 4, 6]
+                    .into_iter()
+                    .filter(|c| *c != current)
+                    .collect();
+                let n = choices[rng.gen_range(0..choices.len())];
+                retry_admin(|| client.set_groups(n)).await?;
+                Ok(format!("set-groups {current} -> {n}"))
+            }
+        }
+    }
+}
+
+/// Runs an admin call, retrying for a while (a leader election, a node
+/// that is still joining); the error of the last attempt otherwise.
+async fn retry_admin<T, F, Fut>(mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, palisade_client::Error>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("admin call failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!(e)),
+        }
+    }
 }
 
 /// Reads every key once more after recovery, as a fresh process each.
 async fn final_reads(drill: &Drill, keys: &[String]) -> bool {
-    let Ok(client) = Client::connect(drill.endpoints.clone()).await else {
+    let Ok(client) = Client::connect(drill.endpoints()).await else {
         return false;
     };
     let mut all_ok = true;
@@ -799,10 +1070,11 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         bail!("--nodes must be 3 or 5");
     }
     for k in &args.nemesis {
-        if !["kill", "pause", "partition", "none"].contains(&k.as_str()) {
-            bail!("unknown nemesis {k:?}: use kill, pause, partition or none");
+        if !["kill", "pause", "partition", "membership", "none"].contains(&k.as_str()) {
+            bail!("unknown nemesis {k:?}: use kill, pause, partition, membership or none");
         }
     }
+    let membership = args.nemesis.iter().any(|k| k == "membership");
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -838,15 +1110,32 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         opts.extra_args.push("--unsafe-local-reads".into());
     }
     let cluster = TestCluster::start(opts).await;
-    let mut endpoints = cluster.endpoints();
-    endpoints.extend(cluster.learner_ids().iter().map(|id| cluster.addr(*id)));
-    let ips: BTreeMap<u64, String> = (1..=args.nodes).map(|id| (id, cluster.ip(id))).collect();
+    // Spare nodes take the ids after the voters and learners.
+    let first_spare = args.nodes + args.learners + 1;
+    let spares: Vec<u64> = if membership {
+        (first_spare..first_spare + args.spare_nodes)
+            .rev()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let last = first_spare + args.spare_nodes;
+    let addrs: BTreeMap<u64, String> = (1..last).map(|id| (id, cluster.addr(id))).collect();
+    let ips: BTreeMap<u64, String> = (1..last).map(|id| (id, cluster.ip_of(id))).collect();
+    let mut members: std::collections::BTreeSet<u64> = (1..=args.nodes).collect();
+    members.extend(cluster.learner_ids());
     let log_dir = cluster.dir().to_path_buf();
     let drill = Arc::new(Drill {
         args: args.clone(),
         cluster: tokio::sync::Mutex::new(cluster),
-        endpoints,
+        addrs,
         ips,
+        members: Mutex::new(members),
+        spares: Mutex::new(spares),
+        departed: Mutex::new(Vec::new()),
+        fault_errors: Mutex::new(Vec::new()),
+        ok_ops: AtomicU64::new(0),
+        worker_ok: Mutex::new(BTreeMap::new()),
         recorder: Recorder {
             start: Instant::now(),
             events: Mutex::new(Vec::new()),
@@ -865,15 +1154,22 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
                 let stats = lock_stats.clone();
                 let unfenced = drill.args.positive_control;
                 tokio::spawn(async move {
-                    crate::lockwork::worker(drill.endpoints.clone(), &drill.stop, &stats, unfenced)
-                        .await
+                    let ok =
+                        crate::lockwork::worker(drill.endpoints(), &drill.stop, &stats, unfenced)
+                            .await;
+                    drill.ok_ops.fetch_add(ok, Ordering::Relaxed);
+                    drill
+                        .worker_ok
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(w, ok);
                 })
             } else {
-                tokio::spawn(
-                    drill
-                        .clone()
-                        .worker(seed.wrapping_add(w as u64 * 7919), values.clone()),
-                )
+                tokio::spawn(drill.clone().worker(
+                    w,
+                    seed.wrapping_add(w as u64 * 7919),
+                    values.clone(),
+                ))
             }
         })
         .collect();
@@ -892,8 +1188,11 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
     let recovered = {
         let mut c = drill.cluster.lock().await;
         c.heal_processes();
-        let all: Vec<u64> = (1..=args.nodes).collect();
-        match c.try_wait_for_leaders(&all, Duration::from_secs(60)).await {
+        let members = drill.members();
+        match c
+            .try_wait_for_leaders(&members, Duration::from_secs(60))
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 eprintln!(
@@ -904,10 +1203,84 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
             }
         }
     };
+    // With the membership nemesis: every recorded change finishes, drained
+    // and removed nodes end up removed, and they can then be stopped.
+    let converged = if membership && recovered {
+        let c = drill.cluster.lock().await;
+        let departed: Vec<u64> = drill
+            .departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut settled = false;
+        while Instant::now() < deadline {
+            if let Some(map) = c.status().await.and_then(|s| s.map) {
+                let quiet = map.moving.is_none() && map.groups.iter().all(|g| g.change.is_empty());
+                let gone = departed.iter().all(|d| {
+                    map.nodes
+                        .iter()
+                        .any(|n| n.id == *d && n.state == pb::NodeState::Removed as i32)
+                });
+                if quiet && gone {
+                    settled = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !settled {
+            eprintln!(
+                "membership changes did not finish within 180 s (logs in {})",
+                log_dir.display()
+            );
+        }
+        drop(c);
+        let mut c = drill.cluster.lock().await;
+        for d in departed {
+            c.retire(d);
+        }
+        settled
+    } else {
+        true
+    };
+    // Honesty gates: what the drill claims, it did.
+    let mut gate_failures: Vec<String> = drill
+        .fault_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let wanted_faults = args.nemesis.iter().any(|k| k != "none");
+    if wanted_faults && faults.is_empty() {
+        gate_failures.push("no fault was applied".into());
+    }
+    let ok_ops = drill.ok_ops.load(Ordering::Relaxed);
+    if ok_ops < args.min_ok {
+        gate_failures.push(format!(
+            "only {ok_ops} operations were acknowledged (--min-ok {})",
+            args.min_ok
+        ));
+    }
+    let worker_ok = drill
+        .worker_ok
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for w in 0..args.concurrency {
+        if worker_ok.get(&w).copied().unwrap_or(0) == 0 {
+            gate_failures.push(format!("worker {w} never got an operation through"));
+        }
+    }
+    if !converged {
+        gate_failures.push("membership changes did not finish".into());
+    }
+    for g in &gate_failures {
+        eprintln!("GATE: {g}");
+    }
     if args.workload == "lock" {
         let stats = std::mem::take(&mut *lock_stats.lock().unwrap_or_else(|p| p.into_inner()));
         let verdict = if recovered {
-            crate::lockwork::check(&drill.endpoints, &stats).await
+            crate::lockwork::check(&drill.endpoints(), &stats).await
         } else {
             crate::lockwork::LockVerdict {
                 ok: false,
@@ -915,10 +1288,13 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
                 summary: json!({}),
             }
         };
+        let ok = verdict.ok && gate_failures.is_empty();
         let results = json!({
             "workload": "lock",
-            "verdict": if verdict.ok { "fenced" } else { "violation" },
+            "verdict": if !verdict.ok { "violation" } else if ok { "fenced" } else { "gate-failed" },
             "problems": verdict.problems,
+            "gate_failures": gate_failures,
+            "converged": converged,
             "lock": verdict.summary,
             "recovered": recovered,
             "seed": seed,
@@ -941,15 +1317,21 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         )?;
         println!(
             "{}: {} faults, recovered: {recovered}; {}; results in {}",
-            if verdict.ok { "fenced" } else { "VIOLATION" },
+            if !verdict.ok {
+                "VIOLATION"
+            } else if ok {
+                "fenced"
+            } else {
+                "GATE FAILED"
+            },
             faults.len(),
             verdict.summary,
             args.out.display()
         );
-        for p in &verdict.problems {
+        for p in verdict.problems.iter().chain(&gate_failures) {
             println!("  {p}");
         }
-        return Ok(if verdict.ok {
+        return Ok(if ok {
             crate::EXIT_OK
         } else {
             crate::EXIT_VIOLATION
@@ -985,7 +1367,7 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("recorded an invalid history: {e}"))?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let check_start = Instant::now();
-    let report = checker::check(&history, checker::DEFAULT_BUDGET, threads);
+    let report = checker::check(&history, checker::Budget::default(), threads);
     let check_time = check_start.elapsed();
     std::fs::write(
         args.out.join("report.html"),
@@ -1023,6 +1405,8 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
             })).collect::<Vec<_>>(),
         },
         "recovered": recovered,
+        "converged": converged,
+        "gate_failures": gate_failures,
         "final_reads_ok": final_ok,
         "seed": seed,
         "nodes": args.nodes,
@@ -1071,11 +1455,15 @@ async fn run(args: DrillArgs) -> anyhow::Result<u8> {
     } else if let Some(v) = report.first_violation() {
         println!("{}", crate::describe_violation(v));
     }
+    for g in &gate_failures {
+        println!("GATE FAILED: {g}");
+    }
     Ok(
         if verdict == "not-linearizable"
             || verdict == "session-violation"
             || !recovered
             || !final_ok
+            || !gate_failures.is_empty()
         {
             crate::EXIT_VIOLATION
         } else if verdict == "unknown" {
@@ -1162,26 +1550,26 @@ mod tests {
     #[test]
     fn partition_plans_cut_the_intended_links() {
         let mut rng = StdRng::seed_from_u64(1);
-        let (_, iso) = partition_plan("isolate", 3, 2, &mut rng);
+        let (_, iso) = partition_plan("isolate", &[1, 2, 3], 2, &mut rng);
         assert_eq!(blocked_from(&iso, 2), vec![1, 3]);
         assert_eq!(blocked_from(&iso, 1), vec![2]);
         assert_eq!(iso.len(), 4);
 
         // Ring of 5: each node still hears its two neighbours (a majority
         // with itself) and nobody else.
-        let (_, ring) = partition_plan("ring", 5, 1, &mut rng);
+        let (_, ring) = partition_plan("ring", &[1, 2, 3, 4, 5], 1, &mut rng);
         assert_eq!(blocked_from(&ring, 1), vec![3, 4]);
         assert_eq!(blocked_from(&ring, 3), vec![1, 5]);
         assert_eq!(ring.len(), 10);
 
         // Bridge: {1,2} and {4,5} are cut from each other; 3 reaches all.
-        let (_, bridge) = partition_plan("bridge", 5, 1, &mut rng);
+        let (_, bridge) = partition_plan("bridge", &[1, 2, 3, 4, 5], 1, &mut rng);
         assert_eq!(blocked_from(&bridge, 3), Vec::<u64>::new());
         assert_eq!(blocked_from(&bridge, 1), vec![4, 5]);
         assert_eq!(bridge.len(), 8);
 
         // Halves of 5: a minority of 2 against a majority of 3.
-        let (_, halves) = partition_plan("halves", 5, 1, &mut rng);
+        let (_, halves) = partition_plan("halves", &[1, 2, 3, 4, 5], 1, &mut rng);
         assert_eq!(halves.len(), 2 * 2 * 3);
     }
 

@@ -4,7 +4,7 @@
 //! - [`history`]: the JSONL history format, parsed and validated.
 //! - [`checker`]: a per-key linearizability checker for read/write/cas
 //!   registers (Wing–Gong/Lowe search with memoization), parallel over keys,
-//!   with a step budget that yields "unknown" instead of eating the machine.
+//!   with a time budget per key that yields "unknown" instead of eating the machine.
 //! - [`session`]: read-your-writes and monotonic-reads checks per process,
 //!   for drills that read at `SESSION` consistency.
 //! - [`report`]: a self-contained HTML timeline report.
@@ -38,7 +38,7 @@ pub const EXIT_UNKNOWN: u8 = 2;
 pub fn check_and_report(
     text: &str,
     html: Option<&std::path::Path>,
-    budget: u64,
+    budget: checker::Budget,
     threads: usize,
 ) -> ExitCode {
     let start = Instant::now();

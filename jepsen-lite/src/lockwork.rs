@@ -69,11 +69,12 @@ pub async fn worker(
     stop: &std::sync::atomic::AtomicBool,
     stats: &Mutex<LockStats>,
     unfenced: bool,
-) {
+) -> u64 {
     use std::sync::atomic::Ordering;
     let Ok(client) = Client::with_config(client_config(&endpoints)).await else {
-        return;
+        return 0;
     };
+    let mut acked = 0u64;
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
         round += 1;
@@ -135,7 +136,10 @@ pub async fn worker(
         {
             let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
             match &outcome {
-                Ok(_) => s.acked += 1,
+                Ok(_) => {
+                    s.acked += 1;
+                    acked += 1;
+                }
                 Err(e) if stale_fence_detail(e).is_some() => s.fenced_off += 1,
                 Err(palisade_client::Error::InvalidArgument(_)) => s.read_failures += 1,
                 Err(_) => s.unknown += 1,
@@ -145,6 +149,7 @@ pub async fn worker(
             let _ = guard.release().await;
         }
     }
+    acked
 }
 
 /// The verdict of a lock drill.

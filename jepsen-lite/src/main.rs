@@ -23,9 +23,12 @@ enum Command {
         /// Write a self-contained HTML timeline report here.
         #[arg(long)]
         html: Option<PathBuf>,
-        /// Search steps per key before the verdict becomes "unknown".
-        #[arg(long, default_value_t = checker::DEFAULT_BUDGET)]
-        budget: u64,
+        /// Search time per key before its verdict becomes "unknown" (s).
+        #[arg(long, default_value_t = 60.0)]
+        budget_secs: f64,
+        /// Also stop a key's search after this many steps.
+        #[arg(long)]
+        budget_steps: Option<u64>,
         /// Threads checking keys in parallel (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -57,9 +60,19 @@ fn main() -> ExitCode {
         Command::Check {
             history,
             html,
-            budget,
+            budget_secs,
+            budget_steps,
             threads,
         } => {
+            if !(budget_secs.is_finite() && budget_secs > 0.0) {
+                println!("--budget-secs must be a positive number of seconds");
+                return ExitCode::from(jepsen_lite::EXIT_UNKNOWN);
+            }
+            let budget = checker::Budget {
+                time: std::time::Duration::from_secs_f64(budget_secs),
+                steps: budget_steps.unwrap_or(u64::MAX),
+                ..checker::Budget::default()
+            };
             let text = match std::fs::read_to_string(&history) {
                 Ok(t) => t,
                 Err(e) => {

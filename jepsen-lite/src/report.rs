@@ -164,9 +164,10 @@ grey fail; red outline: the operation that cannot be placed; green outline: the 
                     label(k.ops[c.stuck])
                 ),
             ),
-            KeyVerdict::Unknown { steps } => {
-                ("unk", format!("unknown (budget of {steps} steps exceeded)"))
-            }
+            KeyVerdict::Unknown { steps, exhausted } => (
+                "unk",
+                format!("unknown (the {exhausted} budget ran out after {steps} steps)"),
+            ),
         };
         let _ = write!(
             out,

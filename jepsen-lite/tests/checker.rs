@@ -32,7 +32,7 @@ fn hist(steps: &[(u64, Kind, F, Value)]) -> History {
 }
 
 fn verdict(h: &History) -> KeyVerdict {
-    let report = checker::check(h, 1_000_000, 2);
+    let report = checker::check(h, checker::Budget::steps(1_000_000), 2);
     report
         .keys
         .into_iter()
@@ -183,7 +183,7 @@ fn synthetic_histories_are_linearizable_and_their_corruptions_are_caught() {
     let cfg = synth::SynthConfig::new(20_000, 100, 8, 7);
     let events = synth::linearizable_history(&cfg);
     let h = history::parse(&history::to_jsonl(&events)).unwrap();
-    let report = checker::check(&h, checker::DEFAULT_BUDGET, 2);
+    let report = checker::check(&h, checker::Budget::default(), 2);
     assert!(
         report.linearizable(),
         "{:?}",
@@ -193,7 +193,7 @@ fn synthetic_histories_are_linearizable_and_their_corruptions_are_caught() {
     synth::corrupt(&mut bad, 0.05, 3);
     let h = history::parse(&history::to_jsonl(&bad)).unwrap();
     assert!(
-        checker::check(&h, checker::DEFAULT_BUDGET, 2)
+        checker::check(&h, checker::Budget::default(), 2)
             .first_violation()
             .is_some()
     );
@@ -204,8 +204,44 @@ fn the_budget_turns_a_long_search_into_unknown() {
     let cfg = synth::SynthConfig::new(400, 1, 8, 11);
     let events = synth::linearizable_history(&cfg);
     let h = history::parse(&history::to_jsonl(&events)).unwrap();
-    let report = checker::check(&h, 10, 1);
-    assert!(matches!(report.keys[0].verdict, KeyVerdict::Unknown { .. }));
+    let report = checker::check(&h, checker::Budget::steps(10), 1);
+    assert!(matches!(
+        report.keys[0].verdict,
+        KeyVerdict::Unknown {
+            exhausted: checker::Exhausted::Steps,
+            ..
+        }
+    ));
+}
+
+/// The default budget is time, not steps: a long single-key history that
+/// needs many steps is still decided, and a budget of no time is not.
+#[test]
+fn a_long_single_key_history_is_decided_within_the_time_budget() {
+    let cfg = synth::SynthConfig::new(8_000, 1, 10, 5);
+    let events = synth::linearizable_history(&cfg);
+    let h = history::parse(&history::to_jsonl(&events)).unwrap();
+    let t = std::time::Instant::now();
+    let report = checker::check(&h, checker::Budget::default(), 1);
+    assert_eq!(report.keys[0].verdict, KeyVerdict::Linearizable);
+    println!(
+        "8,000 ops on one key: {} steps in {:?}",
+        report.keys[0].steps,
+        t.elapsed()
+    );
+    let none = checker::Budget::time(std::time::Duration::ZERO);
+    let cut = checker::check(&h, none, 1);
+    assert!(
+        report.keys[0].steps > 4096,
+        "the history must need a real search"
+    );
+    assert!(matches!(
+        cut.keys[0].verdict,
+        KeyVerdict::Unknown {
+            exhausted: checker::Exhausted::Time,
+            ..
+        }
+    ));
 }
 
 /// Linearizable by exhaustive search: every subset of info writes/cas, every
@@ -287,7 +323,7 @@ fn agrees_with_brute_force_on_small_random_histories() {
         let h = history::parse(&history::to_jsonl(&events)).unwrap();
         let ops: Vec<&Op> = h.ops.iter().collect();
         let expected = brute_force(&ops);
-        let (got, _) = checker::check_key(&ops, 1_000_000);
+        let (got, _) = checker::check_key(&ops, checker::Budget::steps(1_000_000));
         assert_eq!(
             got == KeyVerdict::Linearizable,
             expected,
@@ -309,7 +345,7 @@ fn check_and_report_exit_codes() {
         200, 4, 3, 5,
     )));
     assert_eq!(
-        jepsen_lite::check_and_report(&ok, None, 1_000_000, 2),
+        jepsen_lite::check_and_report(&ok, None, checker::Budget::steps(1_000_000), 2),
         ExitCode::from(0)
     );
     let bad = r#"{"index":0,"process":1,"type":"invoke","f":"write","key":"k","value":5}
@@ -319,13 +355,13 @@ fn check_and_report_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let html = dir.path().join("r.html");
     assert_eq!(
-        jepsen_lite::check_and_report(bad, Some(&html), 1_000_000, 2),
+        jepsen_lite::check_and_report(bad, Some(&html), checker::Budget::steps(1_000_000), 2),
         ExitCode::from(1)
     );
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("NOT linearizable") && page.contains("<svg"));
     assert_eq!(
-        jepsen_lite::check_and_report("{oops", None, 1_000_000, 2),
+        jepsen_lite::check_and_report("{oops", None, checker::Budget::steps(1_000_000), 2),
         ExitCode::from(2)
     );
 }

@@ -91,6 +91,8 @@ pub struct TestCluster {
     paused: std::collections::BTreeSet<u64>,
     /// Nodes started later with `--join` (voting nodes).
     joiners: std::collections::BTreeSet<u64>,
+    /// Nodes gone for good (removed from the cluster): never restarted.
+    retired: std::collections::BTreeSet<u64>,
 }
 
 impl TestCluster {
@@ -125,6 +127,7 @@ impl TestCluster {
             procs: BTreeMap::new(),
             paused: Default::default(),
             joiners: Default::default(),
+            retired: Default::default(),
         };
         for id in 1..=cluster.opts.nodes {
             cluster.spawn(id);
@@ -319,10 +322,28 @@ impl TestCluster {
             self.signal(id, libc::SIGCONT);
         }
         for id in self.all_ids() {
-            if !self.procs.contains_key(&id) {
+            if !self.procs.contains_key(&id) && !self.retired.contains(&id) {
                 self.spawn(id);
             }
         }
+    }
+
+    /// Stops node `id` for good (it was removed from the cluster): it is
+    /// never restarted by [`Self::heal_processes`].
+    pub fn retire(&mut self, id: u64) {
+        if self.procs.contains_key(&id) {
+            if self.paused.contains(&id) {
+                self.resume(id);
+            }
+            self.kill(id);
+        }
+        self.retired.insert(id);
+    }
+
+    /// Node `id`'s own loopback address, for any id (nodes that join later
+    /// included).
+    pub fn ip_of(&self, id: u64) -> String {
+        self.ip(id)
     }
 
     /// Restarts a killed node on its own data directory.

@@ -1348,6 +1348,22 @@ impl Client {
         .await
     }
 
+    /// Moves `group`'s voter on node `from` to node `to`; returns once
+    /// recorded (the new replica's id).
+    pub async fn move_replica(&self, group: u64, from: u64, to: u64) -> Result<u64, Error> {
+        let r = self
+            .admin(|mut a| async move {
+                a.move_replica(pb::MoveReplicaRequest {
+                    group_id: group,
+                    from_node: from,
+                    to_node: to,
+                })
+                .await
+            })
+            .await?;
+        Ok(r.replica_id)
+    }
+
     /// The cluster map as some node holds it (newer than the cached one, or
     /// the cached one's epoch when none is).
     pub async fn cluster_map(&self) -> Result<pb::ClusterMap, Error> {

@@ -21,6 +21,7 @@
 
 pub mod error;
 pub mod network;
+pub mod observe;
 mod read_batch;
 pub mod runtime;
 mod slots;

@@ -215,6 +215,17 @@ impl StateMachine {
             batch.dedup_put(id.client_id, id.seq, encode_result(&result)?);
             batch.dedup_forget_below(id.client_id, id.first_incomplete_seq.min(id.seq))?;
         }
+        if result.rejected.is_none() {
+            let slots = crate::slots::written_slots(&cmd.op);
+            if !slots.is_empty() {
+                let group = ctx.group;
+                crate::observe::report(|| crate::observe::ApplyEvent {
+                    group,
+                    index: log_id.index,
+                    what: crate::observe::Applied::Write { slots },
+                });
+            }
+        }
         Ok(result)
     }
 
@@ -590,9 +601,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     op: CommandOp::Slots(cmd),
                     ..
                 }) => {
-                    match crate::slots::apply(&mut ctx.batch, self.group, index, cmd)
-                        .map_err(sm_write_err)?
+                    let outcome = crate::slots::apply(&mut ctx.batch, self.group, index, cmd)
+                        .map_err(sm_write_err)?;
+                    if !matches!(outcome, SlotOutcome::Refused(_))
+                        && let Some(own) = ctx.batch.ownership()
                     {
+                        let group = self.group;
+                        crate::observe::report(|| crate::observe::ApplyEvent {
+                            group,
+                            index,
+                            what: crate::observe::Applied::Ownership {
+                                owned: own.owned.clone(),
+                                frozen: own.frozen.clone(),
+                            },
+                        });
+                    }
+                    match outcome {
                         SlotOutcome::Applied => applied(revision, Vec::new()),
                         SlotOutcome::Lifted(offset) => applied(index + offset, Vec::new()),
                         SlotOutcome::Refused(why) => rejected(revision, Rejection::BadSlots(why)),

@@ -206,6 +206,15 @@ pub enum ClusterOp {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Move GROUP's voter on node FROM to node TO (learner, catch-up, joint
+    /// consensus). Returns once recorded.
+    MoveReplica {
+        group: u64,
+        from: u64,
+        to: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Hand GROUP's leadership to its replica on NODE (writes to the group
     /// pause for about one election timeout).
     TransferLeader {
@@ -561,6 +570,19 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "the hash keyspace is moving to {} data groups (map epoch {}); watch `palisade cluster status`",
                 r.groups, r.map_epoch
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterOp::MoveReplica {
+            group,
+            from,
+            to,
+            conn,
+        } => {
+            let client = conn.client().await?;
+            let replica = client.move_replica(group, from, to).await?;
+            println!(
+                "group {group}: replica {replica} on node {to} replaces node {from}'s; watch `palisade cluster status`"
             );
             Ok(ExitCode::SUCCESS)
         }

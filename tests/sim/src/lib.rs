@@ -171,8 +171,10 @@ pub async fn run_node(config: NodeConfig) -> Result<(), Box<dyn std::error::Erro
 // Scenario: clients, faults, invariants, history.
 // ---------------------------------------------------------------------------
 
+pub mod membership;
+
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use jepsen_lite::history::{Event, F, Kind};
@@ -192,6 +194,11 @@ pub struct SimOptions {
     pub workload: Duration,
     /// Inject faults (partitions, crashes, latency) during the workload.
     pub faults: bool,
+    /// Change the cluster's shape during the workload (joins, drains,
+    /// removals, replica moves, leader transfers, group counts).
+    pub membership: bool,
+    /// Nodes that may join (with `membership`).
+    pub spares: u64,
 }
 
 impl SimOptions {
@@ -203,6 +210,16 @@ impl SimOptions {
             clients: 4,
             workload: Duration::from_secs(20),
             faults: true,
+            membership: false,
+            spares: 2,
+        }
+    }
+
+    /// A run with membership changes too.
+    pub fn with_membership(seed: u64, nodes: u64) -> Self {
+        Self {
+            membership: true,
+            ..Self::new(seed, nodes)
         }
     }
 }
@@ -243,8 +260,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// The command that replays a seed.
 pub fn replay_command(opts: &SimOptions) -> String {
     format!(
-        "PALISADE_SIM_SEED={} PALISADE_SIM_NODES={} cargo test -p palisade-sim --test simulation replay_one_seed -- --nocapture",
-        opts.seed, opts.nodes
+        "PALISADE_SIM_SEED={} PALISADE_SIM_NODES={}{} cargo test -p palisade-sim --test simulation replay_one_seed -- --nocapture",
+        opts.seed,
+        opts.nodes,
+        if opts.membership {
+            " PALISADE_SIM_MEMBERSHIP=1"
+        } else {
+            ""
+        }
     )
 }
 
@@ -332,8 +355,13 @@ async fn client_loop(
 
 /// After healing: read every key once, linearizably, retrying through
 /// elections.
-async fn final_reads(rec: Recorder, counters: Rc<RefCell<Counters>>, keys: u64) -> turmoil::Result {
-    let kv = kv_client(1);
+async fn final_reads(
+    rec: Recorder,
+    counters: Rc<RefCell<Counters>>,
+    keys: u64,
+    via: u64,
+) -> turmoil::Result {
+    let kv = kv_client(via);
     for k in 0..=keys {
         let key = format!("r{k}");
         let process = {
@@ -387,9 +415,10 @@ enum Fault {
 }
 
 impl Fault {
-    fn pick(rng: &mut StdRng, n: u64, leaders: &[u64]) -> Fault {
-        let a = rng.gen_range(1..=n);
-        let b = (a % n) + 1;
+    fn pick(rng: &mut StdRng, members: &[u64], leaders: &[u64]) -> Fault {
+        let n = members.len();
+        let i = rng.gen_range(0..n);
+        let (a, b) = (members[i], members[(i + 1) % n]);
         match rng.gen_range(0..9) {
             7 if !leaders.is_empty() => {
                 Fault::IsolateLeader(leaders[rng.gen_range(0..leaders.len())])
@@ -400,11 +429,11 @@ impl Fault {
             6 => Fault::Flap(a),
             1 => Fault::OneWay(a, b),
             2 => {
-                let mut all: Vec<u64> = (1..=n).collect();
+                let mut all: Vec<u64> = members.to_vec();
                 for i in (1..all.len()).rev() {
                     all.swap(i, rng.gen_range(0..=i));
                 }
-                let minority = all.split_off((n / 2 + 1) as usize);
+                let minority = all.split_off(n / 2 + 1);
                 Fault::Halves(minority, all)
             }
             3 => Fault::Crash(a),
@@ -412,11 +441,12 @@ impl Fault {
         }
     }
 
-    fn apply(&self, sim: &mut turmoil::Sim<'_>, n: u64) {
+    /// Applies the fault; `hosts` is every node host of the simulation.
+    fn apply(&self, sim: &mut turmoil::Sim<'_>, hosts: &[u64]) {
         match self {
             Fault::Isolate(a) => {
-                for b in (1..=n).filter(|b| b != a) {
-                    sim.partition(host(*a), host(b));
+                for b in hosts.iter().filter(|b| *b != a) {
+                    sim.partition(host(*a), host(*b));
                 }
             }
             Fault::OneWay(a, b) => sim.partition_oneway(host(*a), host(*b)),
@@ -432,16 +462,18 @@ impl Fault {
                 sim.set_link_latency(host(*a), host(*b), Duration::from_millis(300))
             }
             Fault::Lossy(a, b) => sim.set_link_fail_rate(host(*a), host(*b), 0.05),
-            Fault::Flap(a) | Fault::IsolateLeader(a) => Fault::Isolate(*a).apply(sim, n),
+            Fault::Flap(a) | Fault::IsolateLeader(a) => Fault::Isolate(*a).apply(sim, hosts),
             Fault::Elect(a) => ELECT.with(|e| e.borrow_mut().push(*a)),
         }
     }
 
-    fn heal(&self, sim: &mut turmoil::Sim<'_>, n: u64) {
+    /// Heals the fault; a crashed node comes back unless it is `gone`
+    /// (removed from the cluster meanwhile).
+    fn heal(&self, sim: &mut turmoil::Sim<'_>, hosts: &[u64], gone: &BTreeSet<u64>) {
         match self {
             Fault::Isolate(a) => {
-                for b in (1..=n).filter(|b| b != a) {
-                    sim.repair(host(*a), host(b));
+                for b in hosts.iter().filter(|b| *b != a) {
+                    sim.repair(host(*a), host(*b));
                 }
             }
             Fault::OneWay(a, b) => sim.repair_oneway(host(*a), host(*b)),
@@ -452,6 +484,7 @@ impl Fault {
                     }
                 }
             }
+            Fault::Crash(a) if gone.contains(a) => {}
             Fault::Crash(a) => sim.bounce(host(*a)),
             Fault::SlowLink(a, b) => {
                 sim.set_link_latency(host(*a), host(*b), Duration::from_millis(5))
@@ -460,16 +493,68 @@ impl Fault {
                 sim.set_link_fail_rate(host(*a), host(*b), 0.0);
                 sim.repair(host(*a), host(*b));
             }
-            Fault::Flap(a) | Fault::IsolateLeader(a) => Fault::Isolate(*a).heal(sim, n),
+            Fault::Flap(a) | Fault::IsolateLeader(a) => Fault::Isolate(*a).heal(sim, hosts, gone),
             Fault::Elect(_) => {}
         }
     }
 }
 
+/// The config of a node that joins the `n`-node cluster later.
+pub fn join_config(id: u64, n: u64, data_dir: PathBuf) -> NodeConfig {
+    let listen: SocketAddr = ([0, 0, 0, 0], PORT).into();
+    let mut config = NodeConfig::new(id, listen, BTreeMap::new(), data_dir);
+    config.join = (1..=n).map(addr).collect();
+    config.advertise = addr(id);
+    config.flush_mode = palisade_storage::FlushMode::Inline;
+    config.cache_bytes = 4 * 1024 * 1024;
+    config
+}
+
+/// Shortens the coordinator's timings for simulated runs (seconds of
+/// simulated time are precious) and the down-detection to fit them.
+fn sim_timings(config: &mut NodeConfig) {
+    config.coordinator.interval = Duration::from_millis(300);
+    config.coordinator.down_after = Duration::from_secs(8);
+    config.coordinator.catchup_timeout = Duration::from_secs(20);
+    config.coordinator.transfer_cooldown = Duration::from_secs(3);
+    config.coordinator.max_move_slots = 1024;
+}
+
+/// Polls the map through `via` until nothing is in flight (or `limit`
+/// passes), then reads every key once more.
+async fn settle_then_read(
+    rec: Recorder,
+    counters: Rc<RefCell<Counters>>,
+    keys: u64,
+    via: u64,
+    limit: Duration,
+) -> turmoil::Result {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(channel) = sim_channel(&addr(via)) {
+            let mut admin = palisade_proto::v1::admin_client::AdminClient::new(channel);
+            let req = pb::GetClusterMapRequest { min_epoch: 0 };
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(1), admin.get_cluster_map(req)).await
+                && let Some(m) = r.into_inner().map
+                && m.moving.is_none()
+                && m.groups.iter().all(|g| g.change.is_empty())
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    final_reads(rec, counters, keys, via).await
+}
+
 /// Runs one seeded simulation and checks it.
 pub fn run(opts: &SimOptions) -> SimOutcome {
     palisade_group::runtime::seed_thread_rng(opts.seed);
-    let dirs: Vec<tempfile::TempDir> = (0..opts.nodes)
+    let tracker = Rc::new(RefCell::new(membership::OwnershipTracker::default()));
+    palisade_group::observe::set_observer(membership::OwnershipTracker::observer(&tracker));
+    let spares = if opts.membership { opts.spares } else { 0 };
+    let dirs: Vec<tempfile::TempDir> = (0..opts.nodes + spares)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
     let total = opts.workload + Duration::from_secs(60);
@@ -477,8 +562,12 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     for id in 1..=opts.nodes {
         let dir = dirs[id as usize - 1].path().to_path_buf();
         let (n, groups) = (opts.nodes, opts.groups);
+        let membership = opts.membership;
         sim.host(host(id), move || {
-            let config = node_config(id, n, dir.clone(), groups);
+            let mut config = node_config(id, n, dir.clone(), groups);
+            if membership {
+                sim_timings(&mut config);
+            }
             async move { run_registered_node(config).await }
         });
     }
@@ -508,6 +597,16 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     let mut flap: Option<(bool, Duration)> = None;
     let mut next_fault = Duration::from_secs(4);
     let workload_end = Duration::from_secs(2) + opts.workload;
+    // Membership: every node host so far, the members (faults hit these),
+    // the nodes gone for good, the spares left.
+    let mut hosts: Vec<u64> = (1..=opts.nodes).collect();
+    let mut members: Vec<u64> = hosts.clone();
+    let mut gone: BTreeSet<u64> = BTreeSet::new();
+    let mut spare_ids: Vec<u64> = (opts.nodes + 1..=opts.nodes + spares).rev().collect();
+    let mut mrng = StdRng::seed_from_u64(opts.seed ^ 0x3e3b);
+    let mut next_change = Duration::from_secs(5);
+    let changes: Rc<RefCell<Vec<Result<String, String>>>> = Rc::default();
+    let mut change_count = 0u64;
     loop {
         match sim.step() {
             Ok(true) => break,
@@ -526,25 +625,30 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
             && now >= at
         {
             if cut {
-                Fault::Isolate(*a).heal(&mut sim, opts.nodes);
+                Fault::Isolate(*a).heal(&mut sim, &hosts, &gone);
             } else {
-                Fault::Isolate(*a).apply(&mut sim, opts.nodes);
+                Fault::Isolate(*a).apply(&mut sim, &hosts);
             }
             flap = Some((!cut, now + Duration::from_millis(rng.gen_range(100..400))));
         }
         if let Some((fault, until)) = &active
             && now >= *until
         {
-            fault.heal(&mut sim, opts.nodes);
+            fault.heal(&mut sim, &hosts, &gone);
             trace.push(format!("{:>8} heal {fault:?}", now.as_millis()));
             active = None;
             flap = None;
             next_fault = now + Duration::from_millis(rng.gen_range(1000..3000));
         }
         if opts.faults && active.is_none() && now >= next_fault && now < workload_end {
-            let leaders: Vec<u64> = invariants.leaders.values().map(|(node, _)| *node).collect();
-            let fault = Fault::pick(&mut rng, opts.nodes, &leaders);
-            fault.apply(&mut sim, opts.nodes);
+            let leaders: Vec<u64> = invariants
+                .leaders
+                .values()
+                .map(|(node, _)| *node)
+                .filter(|n| members.contains(n))
+                .collect();
+            let fault = Fault::pick(&mut rng, &members, &leaders);
+            fault.apply(&mut sim, &hosts);
             trace.push(format!("{:>8} apply {fault:?}", now.as_millis()));
             if matches!(fault, Fault::Flap(_)) {
                 flap = Some((true, now + Duration::from_millis(rng.gen_range(100..400))));
@@ -554,15 +658,85 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
                 now + Duration::from_millis(rng.gen_range(1500..5000)),
             ));
         }
+        if opts.membership && now >= next_change && now < workload_end {
+            next_change = now + Duration::from_millis(mrng.gen_range(2500..5000));
+            let crashed = match &active {
+                Some((Fault::Crash(c), _)) => Some(*c),
+                _ => None,
+            };
+            let shrinkable: Vec<u64> = members
+                .iter()
+                .copied()
+                .filter(|m| Some(*m) != crashed)
+                .collect();
+            let mut options = vec![
+                membership::Change::MoveReplica,
+                membership::Change::TransferLeader,
+                membership::Change::SetGroups,
+            ];
+            if let Some(id) = spare_ids.last() {
+                options.push(membership::Change::Join(*id));
+            }
+            if members.len() > 3 && !shrinkable.is_empty() {
+                let victim = shrinkable[mrng.gen_range(0..shrinkable.len())];
+                options.push(membership::Change::Drain(victim));
+                options.push(membership::Change::Remove(victim));
+            }
+            let change = options[mrng.gen_range(0..options.len())].clone();
+            match &change {
+                membership::Change::Join(id) => {
+                    let id = *id;
+                    spare_ids.pop();
+                    let dir = dirs[id as usize - 1].path().to_path_buf();
+                    let n = opts.nodes;
+                    sim.host(host(id), move || {
+                        let mut config = join_config(id, n, dir.clone());
+                        sim_timings(&mut config);
+                        async move { run_registered_node(config).await }
+                    });
+                    hosts.push(id);
+                    members.push(id);
+                }
+                membership::Change::Drain(id) => {
+                    members.retain(|m| m != id);
+                }
+                membership::Change::Remove(id) => {
+                    sim.crash(host(*id));
+                    members.retain(|m| m != id);
+                    gone.insert(*id);
+                }
+                _ => {}
+            }
+            trace.push(format!("{:>8} membership {change:?}", now.as_millis()));
+            change_count += 1;
+            let via = members.clone();
+            let done = changes.clone();
+            let seed = opts.seed.wrapping_mul(7).wrapping_add(change_count);
+            sim.client(format!("admin{change_count}"), async move {
+                let r = membership::carry_out(change, via, seed).await;
+                done.borrow_mut().push(r);
+                Ok(())
+            });
+        }
     }
     if let Some((fault, _)) = active.take() {
-        fault.heal(&mut sim, opts.nodes);
+        fault.heal(&mut sim, &hosts, &gone);
         trace.push(format!("{:>8} heal {fault:?}", sim.elapsed().as_millis()));
     }
 
-    // Everything healed: read every key once more.
+    // Everything healed: (let membership changes finish, then) read every
+    // key once more.
     let keys = counters.borrow().ops / KEY_ROTATION;
-    sim.client("final", final_reads(rec.clone(), counters.clone(), keys));
+    let via = members.iter().copied().min().unwrap_or(1);
+    let settle = if opts.membership {
+        Duration::from_secs(40)
+    } else {
+        Duration::ZERO
+    };
+    sim.client(
+        "final",
+        settle_then_read(rec.clone(), counters.clone(), keys, via, settle),
+    );
     loop {
         match sim.step() {
             Ok(true) => break,
@@ -579,7 +753,39 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
         }
     }
     REGISTRY.with(|r| r.borrow_mut().clear());
+    palisade_group::observe::clear_observer();
     palisade_group::runtime::unseed_thread_rng();
+
+    let t = tracker.borrow();
+    problems.extend(t.problems.iter().cloned());
+    if opts.membership {
+        let results = changes.borrow();
+        for r in results.iter() {
+            match r {
+                Ok(done) => trace.push(format!("membership done: {done}")),
+                Err(e) => problems.push(format!("membership change not applied: {e}")),
+            }
+        }
+        if change_count == 0 || results.iter().all(|r| r.is_err()) {
+            problems.push("no membership change was applied".into());
+        }
+        if t.ownership_changes == 0 {
+            problems.push("no group ever recorded slot ownership".into());
+        }
+        let unowned = t.unowned();
+        if !unowned.is_empty() {
+            problems.push(format!(
+                "{} slots have no owner at the end (first: {:?})",
+                unowned.len(),
+                &unowned[..unowned.len().min(5)]
+            ));
+        }
+        trace.push(format!(
+            "ownership: {} changes, {} writes checked against ownership",
+            t.ownership_changes, t.writes_checked
+        ));
+    }
+    drop(t);
 
     let history = rec.events.borrow().clone();
     check_history(&history, &mut problems);
@@ -595,7 +801,8 @@ fn check_history(history: &[Event], problems: &mut Vec<String>) {
     match jepsen_lite::history::parse(&text) {
         Err(e) => problems.push(format!("invalid history: {e}")),
         Ok(h) => {
-            let report = jepsen_lite::checker::check(&h, jepsen_lite::checker::DEFAULT_BUDGET, 1);
+            let report =
+                jepsen_lite::checker::check(&h, jepsen_lite::checker::Budget::default(), 1);
             if let Some(v) = report.first_violation() {
                 problems.push(format!(
                     "not linearizable: {}",

@@ -41,6 +41,18 @@ fn seed_sweep_five_nodes() {
 }
 
 #[test]
+fn seed_sweep_with_membership_changes() {
+    // Three and five nodes, joins, drains, removals, replica moves, leader
+    // transfers and slot moves, under the same faults.
+    for seed in 0..seeds(3) {
+        assert_clean(&SimOptions::with_membership(5000 + seed, 3));
+    }
+    for seed in 0..seeds(2).div_ceil(2) {
+        assert_clean(&SimOptions::with_membership(7000 + seed, 5));
+    }
+}
+
+#[test]
 fn replay_one_seed() {
     let Some(seed) = std::env::var("PALISADE_SIM_SEED")
         .ok()
@@ -52,7 +64,13 @@ fn replay_one_seed() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let outcome = run(&SimOptions::new(seed, nodes));
+    let membership = std::env::var("PALISADE_SIM_MEMBERSHIP").is_ok_and(|v| v == "1");
+    let opts = if membership {
+        SimOptions::with_membership(seed, nodes)
+    } else {
+        SimOptions::new(seed, nodes)
+    };
+    let outcome = run(&opts);
     println!("trace:\n{}", outcome.trace.join("\n"));
     println!(
         "{} events, fingerprint {:016x}",

@@ -452,6 +452,68 @@ impl Admin for AdminService {
         )
     }
 
+    async fn move_replica(
+        &self,
+        request: Request<pb::MoveReplicaRequest>,
+    ) -> Result<Response<pb::MoveReplicaResponse>, Status> {
+        {
+            let r = request.get_ref();
+            if r.group_id == META_GROUP {
+                return Err(ServerError::InvalidArgument(
+                    "the meta group's replicas follow the nodes; drain a node instead".into(),
+                )
+                .into());
+            }
+        }
+        on_meta_leader!(
+            self,
+            request,
+            |node: &Arc<Node>, r: &pb::MoveReplicaRequest| {
+                let node = node.clone();
+                let (group, from, to) = (r.group_id, r.from_node, r.to_node);
+                async move {
+                    let map = node.map();
+                    let info = map
+                        .groups
+                        .get(&group)
+                        .ok_or(ServerError::UnknownGroup(group))?;
+                    let replica = info
+                        .replicas
+                        .iter()
+                        .find(|(_, rep)| rep.node == from && rep.role == Role::Voter)
+                        .map(|(id, _)| *id)
+                        .ok_or_else(|| {
+                            ServerError::FailedPrecondition(format!(
+                                "node {from} holds no voter of group {group}"
+                            ))
+                        })?;
+                    let added = change_map(
+                        &node,
+                        MapCommand::BeginReplicaChange {
+                            group,
+                            add: Some((to, Role::Voter)),
+                            remove: Some(replica),
+                            promote: None,
+                            demote: None,
+                        },
+                    )
+                    .await?;
+                    let MapResult::Replica(replica_id) = added else {
+                        return Err(ServerError::FailedPrecondition(format!(
+                            "recording the move gave {added:?}"
+                        )));
+                    };
+                    let epoch = node.map().groups.get(&group).map_or(0, |g| g.epoch);
+                    Ok(pb::MoveReplicaResponse {
+                        replica_id,
+                        group_epoch: epoch,
+                    })
+                }
+            },
+            move_replica
+        )
+    }
+
     async fn add_learner(
         &self,
         request: Request<pb::AddLearnerRequest>,
