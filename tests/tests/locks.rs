@@ -122,7 +122,7 @@ async fn the_cli_lock_holder_paused_by_sigstop_is_fenced_off() {
     // Holder A: `palisade lock` keeps the lease alive while its command runs;
     // the command writes (fenced) after a while.
     let script = format!(
-        "sleep 5; {} put '{{cli}}data' A --fence \"$PALISADE_FENCE\" --endpoints {endpoints}",
+        "sleep 8; {} put '{{cli}}data' A --fence \"$PALISADE_FENCE\" --endpoints {endpoints}",
         bin.display()
     );
     let stderr_path = cluster.dir().join("holder.err");
@@ -159,8 +159,9 @@ async fn the_cli_lock_holder_paused_by_sigstop_is_fenced_off() {
         .unwrap();
     assert!(guard.token().token > ta.token);
     b.put_fenced("{cli}data", "B", guard.token()).await.unwrap();
-    // The child's fenced write (at ~5 s) is refused; then A resumes.
-    std::thread::sleep(Duration::from_secs(5));
+    // The child's fenced write (at ~8 s: past A's 2 s lease even if a
+    // leader change restarts it) is refused; then A resumes.
+    std::thread::sleep(Duration::from_secs(8));
     // SAFETY: as above.
     unsafe { libc::kill(holder.id() as i32, libc::SIGCONT) };
     let status = holder.wait().unwrap();

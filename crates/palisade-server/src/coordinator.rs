@@ -52,6 +52,8 @@ use crate::router::Peer;
 
 /// Bytes of slot records per import entry.
 const IMPORT_CHUNK_BYTES: u64 = 512 * 1024;
+/// How long a new coordinator watches leaders before balancing them.
+const LEADER_BALANCE_SETTLE: Duration = Duration::from_secs(5);
 /// Consecutive failures of a slot move before it is rolled back (only
 /// possible before its hand-off).
 const MOVE_ATTEMPTS_BEFORE_ROLLBACK: u32 = 30;
@@ -269,10 +271,16 @@ impl Coordinator {
                     }
                 }
                 Action::TransferLeader { group, to } => {
-                    let cooling = self
-                        .transferred
-                        .get(&group)
-                        .is_some_and(|t| t.elapsed() < node.config.coordinator.transfer_cooldown);
+                    // Leaders are balanced only once this coordinator has
+                    // watched them for a while (not in the first elections
+                    // after a start), and each group not too often.
+                    let settling = self
+                        .term
+                        .is_none_or(|(_, since)| since.elapsed() < LEADER_BALANCE_SETTLE);
+                    let cooling = settling
+                        || self.transferred.get(&group).is_some_and(|t| {
+                            t.elapsed() < node.config.coordinator.transfer_cooldown
+                        });
                     let busy = self.jobs.keys().any(|j| matches!(j, Job::Transfer(_)));
                     if !cooling && !busy {
                         self.transferred.insert(group, Instant::now());
