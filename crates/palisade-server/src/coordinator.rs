@@ -399,7 +399,7 @@ async fn propose_slots(node: &Arc<Node>, group: GroupId, cmd: SlotCommand) -> Re
 /// The leader's account of `group`.
 async fn leader_report(node: &Arc<Node>, group: GroupId) -> Result<GroupReport, String> {
     match node
-        .manage_leader(group, ManageRequest::Status, node.peer_timeout())
+        .manage_leader(group, ManageRequest::LeaderStatus, node.peer_timeout())
         .await
     {
         Ok(ManageReply::Status(r)) if r.is_leader => Ok(*r),

@@ -28,6 +28,8 @@ use crate::router::Peer;
 pub enum ManageRequest {
     /// The group as this replica sees it (any replica answers).
     Status,
+    /// The group as its leader sees it (others answer `NotLeader`).
+    LeaderStatus,
     AddLearner {
         replica: ReplicaId,
         addr: String,
@@ -67,6 +69,7 @@ impl ManageRequest {
     fn name(&self) -> &'static str {
         match self {
             ManageRequest::Status => "status",
+            ManageRequest::LeaderStatus => "leader status",
             ManageRequest::AddLearner { .. } => "add learner",
             ManageRequest::ChangeVoters { .. } => "change voters",
             ManageRequest::RemoveLearners { .. } => "remove learners",
@@ -185,6 +188,15 @@ impl Node {
         let g = |e| ManageError::from_group(group_id, e);
         match req {
             ManageRequest::Status => Ok(ManageReply::Status(Box::new(report(&group).await))),
+            ManageRequest::LeaderStatus => {
+                if !group.is_leader() {
+                    return Err(g(GroupError::NotLeader {
+                        group: group_id,
+                        leader: group.leader(),
+                    }));
+                }
+                Ok(ManageReply::Status(Box::new(report(&group).await)))
+            }
             ManageRequest::AddLearner { replica, addr } => {
                 group.add_learner(replica, addr, timeout).await.map_err(g)?;
                 Ok(ManageReply::Done)
@@ -329,7 +341,9 @@ impl Node {
     }
 
     /// Sends `req` to `group`'s leader, following leader hints (a few hops
-    /// at most).
+    /// at most). A node that does not answer is forgotten as the group's
+    /// leader and another is tried: every management request is idempotent,
+    /// so repeating one whose outcome is unknown is safe.
     pub(crate) async fn manage_leader(
         self: &Arc<Self>,
         group: GroupId,
@@ -340,20 +354,25 @@ impl Node {
             .pick_peer_or_self(group)
             .ok_or_else(|| ManageError::Failed(format!("no node of group {group} is known")))?;
         let mut last = ManageError::Failed(format!("no leader of group {group} answered"));
-        for _ in 0..4 {
+        for _ in 0..6 {
             match self.manage(&peer, group, req.clone(), timeout).await {
                 Err(ManageError::NotLeader {
                     leader: Some((replica, addr)),
                     ..
-                }) => {
+                }) if addr != peer.addr => {
                     let node = self.map().node_of(group, replica).unwrap_or(0);
-                    if node == peer.node && node != 0 {
-                        break;
-                    }
                     peer = Peer { node, addr };
                     last = ManageError::Failed(format!("group {group}: leader moved"));
                 }
-                Err(e @ (ManageError::NotLeader { .. } | ManageError::NotHosted(_))) => {
+                Ok(reply) => {
+                    if peer.node != 0 {
+                        self.leaders.remember(group, peer.clone());
+                    }
+                    return Ok(reply);
+                }
+                Err(e @ ManageError::Failed(_)) => return Err(e),
+                Err(e) => {
+                    // No leader there (or no answer): ask another node.
                     self.leaders.forget(group);
                     last = e;
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -362,13 +381,6 @@ impl Node {
                         None => break,
                     }
                 }
-                Ok(reply) => {
-                    if peer.node != 0 {
-                        self.leaders.remember(group, peer.clone());
-                    }
-                    return Ok(reply);
-                }
-                Err(e) => return Err(e),
             }
         }
         Err(last)

@@ -752,6 +752,9 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
             next_observation = now + Duration::from_millis(20);
         }
     }
+    if opts.membership {
+        describe_cluster(&mut trace);
+    }
     REGISTRY.with(|r| r.borrow_mut().clear());
     palisade_group::observe::clear_observer();
     palisade_group::runtime::unseed_thread_rng();
@@ -860,6 +863,59 @@ pub async fn run_registered_node(config: NodeConfig) -> Result<(), Box<dyn std::
     node.serve_with_incoming(incoming(listener), std::future::pending())
         .await?;
     Ok(())
+}
+
+/// The end state, for the trace: each live node's map (nodes, groups with
+/// changes in flight, the move in flight) and its replicas' Raft view.
+fn describe_cluster(trace: &mut Vec<String>) {
+    let live: Vec<(u64, Arc<Node>)> = REGISTRY.with(|r| {
+        r.borrow()
+            .iter()
+            .filter_map(|(id, _, w)| w.upgrade().map(|n| (*id, n)))
+            .collect()
+    });
+    for (id, node) in live {
+        let map = node.map();
+        let nodes: Vec<String> = map
+            .nodes
+            .iter()
+            .map(|(n, i)| format!("{n}:{}", i.state.name()))
+            .collect();
+        let groups: Vec<String> = map
+            .groups
+            .iter()
+            .map(|(g, i)| {
+                let change = i
+                    .change
+                    .map(|c| format!(" change {c:?}"))
+                    .unwrap_or_default();
+                format!(
+                    "g{g}e{} {:?}{change}",
+                    i.epoch,
+                    i.replicas.values().map(|r| r.node).collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        trace.push(format!(
+            "end node {id}: map epoch {} nodes [{}] groups [{}] moving {:?}",
+            map.epoch,
+            nodes.join(" "),
+            groups.join("; "),
+            map.moving.as_ref().map(|m| (m.id, m.from, m.to, m.phase))
+        ));
+        for (g, group) in node.groups() {
+            let m = group.raft().metrics().borrow().clone();
+            trace.push(format!(
+                "end node {id} group {g}: replica {} {:?} term {} leader {:?} applied {:?} membership {:?}",
+                group.replica_id(),
+                m.state,
+                m.current_term,
+                m.current_leader,
+                m.last_applied.map(|l| l.index),
+                m.membership_config.membership().get_joint_config()
+            ));
+        }
+    }
 }
 
 /// Safety invariants checked on live nodes during a run.

@@ -74,6 +74,13 @@ fn replay_one_seed() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let membership = std::env::var("PALISADE_SIM_MEMBERSHIP").is_ok_and(|v| v == "1");
+    // PALISADE_SIM_LOG=palisade_server=info: the nodes' logs, on stderr.
+    if let Ok(filter) = std::env::var("PALISADE_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let opts = if membership {
         SimOptions::with_membership(seed, nodes)
     } else {
