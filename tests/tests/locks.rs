@@ -87,6 +87,53 @@ async fn a_paused_holder_cannot_write_after_its_lease_expired() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.to_string().contains("hash tag"), "{err}");
 
+    // A lock held for the whole wait is a definite refusal with a typed
+    // detail (nothing was applied), not an unknown outcome.
+    let lease_c = a
+        .lease_grant(Duration::from_secs(5), lock.as_bytes())
+        .await
+        .unwrap();
+    let waited = Instant::now();
+    let err = a
+        .lock(lock, lease_c, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, palisade_client::Error::LockHeld { lease, token } if lease == guard_b.lease() && token == tb.token),
+        "{err:?}"
+    );
+    assert!(
+        waited.elapsed() < Duration::from_secs(5),
+        "no retries of a held lock"
+    );
+    // An unlock by a non-holder: NotLockHolder with the current token.
+    let stale = palisade_client::FencingToken {
+        lock: lock.as_bytes().to_vec(),
+        token: ta.token,
+        term: 0,
+    };
+    let err = a.unlock(&stale).await.unwrap_err();
+    let palisade_client::Error::Status(status) = &err else {
+        panic!("{err:?}")
+    };
+    match palisade_client::retry::detail(status) {
+        Some(pb::error_detail::Kind::NotLockHolder(n)) => assert_eq!(n.current_token, tb.token),
+        other => panic!("expected NotLockHolder, got {other:?}"),
+    }
+    // A lease lives with its slot: keys of another slot cannot attach to it.
+    let err = b
+        .put_request(pb::PutRequest {
+            key: b"{elsewhere}k".to_vec(),
+            value: b"v".to_vec(),
+            lease: guard_b.lease(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("hash slot"), "{err}");
+    a.lease_revoke(lease_c).await.unwrap();
+
     // Keys attached to a lease end with it; so do its locks.
     let ttl = b.lease_time_to_live(guard_b.lease()).await.unwrap();
     assert_eq!(ttl.granted_ttl_ms, 5000);

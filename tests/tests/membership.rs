@@ -414,3 +414,48 @@ async fn hash_groups_go_from_4_to_8_to_2_under_load_without_losing_or_repeating_
     );
     check_load(&client, &load).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_down_longer_than_down_after_is_replaced_without_an_operator() {
+    let mut opts = ClusterOptions::new(4);
+    opts.extra_args = vec!["--down-after".into(), "3s".into()];
+    let mut cluster = TestCluster::start(opts).await;
+    let client = cluster.client().await;
+    for i in 0..200 {
+        client.put(format!("down-{i}"), "v").await.unwrap();
+    }
+    let map = cluster.status().await.unwrap().map.unwrap();
+    let victim = *voter_counts(&map)
+        .iter()
+        .max_by_key(|(n, c)| (**c, **n))
+        .unwrap()
+        .0;
+    let t0 = Instant::now();
+    cluster.kill(victim);
+    cluster
+        .wait_map(
+            "the dead node drained and removed on its own",
+            LONG,
+            |_, m| {
+                let gone = m
+                    .nodes
+                    .iter()
+                    .any(|n| n.id == victim && n.state == pb::NodeState::Removed as i32);
+                let healthy = m.groups.iter().filter(|g| g.id != 0).all(|g| {
+                    g.replicas.len() == 3 && g.replicas.iter().all(|r| r.node_id != victim)
+                });
+                gone && healthy
+            },
+        )
+        .await;
+    println!(
+        "node {victim} down: replaced without an operator in {:?}",
+        t0.elapsed()
+    );
+    let live: Vec<String> = cluster.running().iter().map(|n| cluster.addr(*n)).collect();
+    let client = Client::connect(live).await.unwrap();
+    for i in 0..200 {
+        let got = client.get(format!("down-{i}")).await.unwrap();
+        assert_eq!(got.kv.map(|kv| kv.value), Some(b"v".to_vec()), "down-{i}");
+    }
+}

@@ -107,6 +107,25 @@ async fn every_level_answers_with_a_truthful_receipt() {
     let err = kv.get(far).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    match palisade_client::retry::detail(&err) {
+        Some(pb::error_detail::Kind::RevisionNotReached(r)) => {
+            assert_eq!(r.required_revision, 1_000_000);
+            assert!(r.current_revision >= 1);
+        }
+        other => panic!("expected RevisionNotReached, got {other:?}"),
+    }
+
+    // A request that names no level reads linearizably, and its receipt
+    // says so (never the unset value).
+    let r = kv
+        .get(pb::GetRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.header.unwrap().consistency, Level::Linearizable as i32);
 
     // Bad options are rejected.
     let err = kv
