@@ -354,7 +354,21 @@ async fn probe(
 
 /// Proposes a change to the cluster map on this node (the meta leader).
 pub(crate) async fn propose_map(node: &Arc<Node>, cmd: MapCommand) -> Result<MapResult, String> {
-    let meta = node.meta().ok_or("this node has no meta replica")?;
+    propose_map_typed(node, cmd)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Like [`propose_map`], keeping the error typed: a refusal by the map is
+/// `Rejected`; losing the meta leadership meanwhile is `NotLeader` (retry).
+pub(crate) async fn propose_map_typed(
+    node: &Arc<Node>,
+    cmd: MapCommand,
+) -> Result<MapResult, palisade_group::GroupError> {
+    let meta = node.meta().ok_or(palisade_group::GroupError::NotLeader {
+        group: palisade_shard::META_GROUP,
+        leader: None,
+    })?;
     let res = meta
         .write(
             Command {
@@ -363,10 +377,9 @@ pub(crate) async fn propose_map(node: &Arc<Node>, cmd: MapCommand) -> Result<Map
             },
             node.config.write_timeout,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if let Some(r) = res.rejected {
-        return Err(palisade_group::GroupError::Rejected(r).to_string());
+        return Err(palisade_group::GroupError::Rejected(r));
     }
     match res.results.first() {
         Some(palisade_group::OpResult::Map(r)) => Ok(*r),

@@ -921,8 +921,10 @@ fn describe_cluster(trace: &mut Vec<String>) {
 /// Safety invariants checked on live nodes during a run.
 #[derive(Default)]
 struct Invariants {
-    /// (node, incarnation, group) → last applied index seen.
-    applied: BTreeMap<(u64, u64, u64), u64>,
+    /// (node, incarnation, group, replica) → last applied index seen. A
+    /// replica removed and added back is a new replica (a new id) that
+    /// starts from nothing.
+    applied: BTreeMap<(u64, u64, u64, u64), u64>,
     /// (group, index) → leader id of the applied (so committed) entry.
     committed: BTreeMap<(u64, u64), String>,
     /// group → (leader, term) last reported, for the trace.
@@ -943,7 +945,7 @@ impl Invariants {
                 // Never hold the metrics borrow across an await (none here).
                 let m = group.raft().metrics().borrow().clone();
                 if let Some(applied) = m.last_applied {
-                    let key = (id, inc, *gid);
+                    let key = (id, inc, *gid, group.replica_id());
                     let prev = self.applied.insert(key, applied.index).unwrap_or(0);
                     if applied.index < prev {
                         problems.push(format!(

@@ -17,7 +17,7 @@ use palisade_shard::{ClusterMap, META_GROUP, MapCommand, MapResult, NodeKind, No
 use palisade_storage::StoreError;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{propose_map, transfer_leader};
+use crate::coordinator::{propose_map_typed, transfer_leader};
 use crate::error::ServerError;
 use crate::node::Node;
 use crate::router::{Kind, RouteInfo};
@@ -84,11 +84,15 @@ impl AdminService {
     }
 }
 
-/// A map command's result, refusals as errors.
+/// A map command's result. The map's refusal is `FAILED_PRECONDITION`
+/// (with its reason); a lost meta leadership or quorum stays retryable.
 async fn change_map(node: &Arc<Node>, cmd: MapCommand) -> Result<MapResult, ServerError> {
-    propose_map(node, cmd)
-        .await
-        .map_err(ServerError::FailedPrecondition)
+    propose_map_typed(node, cmd).await.map_err(|e| match e {
+        GroupError::Rejected(r) => {
+            ServerError::FailedPrecondition(GroupError::Rejected(r).to_string())
+        }
+        other => ServerError::Group(other),
+    })
 }
 
 fn node_state(s: NodeState) -> pb::NodeState {
