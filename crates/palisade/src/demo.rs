@@ -223,6 +223,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .replace('"', "")
     );
     eprintln!("  (with its own --id, --listen and --data-dir)");
+    let next = args.nodes + args.learners + 1;
+    eprintln!("grow the cluster: start a node that joins it (the cluster moves replicas to it):");
+    eprintln!(
+        "  {} start --listen {}:{} --join {} --data-dir {}",
+        exe.display(),
+        args.host,
+        args.base_port as u64 + next - 1,
+        addrs[0].1,
+        root.join(format!("node-{next}")).display()
+    );
+    eprintln!("  then `palisade node drain {next}` moves everything off it again");
     eprintln!(
         "Ctrl-C stops the cluster{}.",
         if args.data_dir.is_some() {
