@@ -227,7 +227,13 @@ async fn a_cluster_grows_to_five_under_load_and_shrinks_back_by_draining_two() {
             .any(|x| x.group_id == g.id && x.leader_id == to)
     );
 
-    // Shrink: drain a bootstrap node and a joined one.
+    // Shrink: drain a bootstrap node and a joined one (after a node the
+    // cluster does not know, which changes nothing).
+    let unknown = client.drain_node(99, false).await;
+    assert!(
+        matches!(&unknown, Err(e) if e.code() == tonic::Code::NotFound),
+        "{unknown:?}"
+    );
     let t1 = Instant::now();
     client.drain_node(1, false).await.expect("drain 1");
     client.drain_node(4, false).await.expect("drain 4");

@@ -150,7 +150,9 @@ pub struct RaftGroup {
     raft: Raft,
     /// While leadership is being handed to this replica (of the group),
     /// proposals are refused so the followers' leader lease can lapse.
-    handover: std::sync::Mutex<Option<ReplicaId>>,
+    /// A hand-over under way: its target and number.
+    handover: std::sync::Mutex<Option<(ReplicaId, u64)>>,
+    handovers: std::sync::atomic::AtomicU64,
     state: StateTree,
     installed: Arc<AtomicU64>,
     lease: std::sync::Mutex<Option<LeaderLease>>,
@@ -198,6 +200,7 @@ impl RaftGroup {
             node,
             raft,
             handover: std::sync::Mutex::new(None),
+            handovers: std::sync::atomic::AtomicU64::new(0),
             state,
             installed,
             lease: std::sync::Mutex::new(None),
@@ -252,7 +255,7 @@ impl RaftGroup {
         cmd: Command,
         timeout: Duration,
     ) -> Result<CommandResult, GroupError> {
-        if let Some(to) = *self.handover.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((to, _)) = *self.handover.lock().unwrap_or_else(|p| p.into_inner()) {
             // Handing leadership over: a proposal now would renew the
             // followers' lease and keep the new leader from being elected.
             let addr = self.member_addrs().get(&to).cloned();
@@ -602,17 +605,31 @@ impl RaftGroup {
     /// and heartbeats stop, so that no follower's leader lease is renewed
     /// and `to` can win an election once the lease lapses (openraft 0.9 has
     /// no leader transfer; see the server's coordinator for the rest).
-    pub fn begin_handover(&self, to: ReplicaId) -> Result<(), GroupError> {
+    ///
+    /// Returns the hand-over's number, for [`Self::end_handover_of`]: the
+    /// caller must end it even if whoever started it never comes back.
+    pub fn begin_handover(&self, to: ReplicaId) -> Result<u64, GroupError> {
         self.must_lead()?;
-        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+        let number = self.handovers.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some((to, number));
         self.raft.runtime_config().heartbeat(false);
-        Ok(())
+        Ok(number)
     }
 
     /// Ends a hand-over (done or given up): proposals and heartbeats resume.
     pub fn end_handover(&self) {
         *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.raft.runtime_config().heartbeat(true);
+    }
+
+    /// Ends hand-over `number` if it is still the one under way (its
+    /// deadline passed; a later hand-over is left alone).
+    pub fn end_handover_of(&self, number: u64) {
+        let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_some_and(|(_, n)| n == number) {
+            *h = None;
+            self.raft.runtime_config().heartbeat(true);
+        }
     }
 
     /// Whether this replica may start elections on its own (turned off on
@@ -693,10 +710,9 @@ fn write_error(
             what: "changing the membership",
             source: Arc::new(e),
         },
-        RaftError::Fatal(e) => GroupError::Stopped {
-            group,
-            source: Arc::new(e),
-        },
+        // The replica stopped with the proposal in flight: it may have
+        // reached the others and commit there.
+        RaftError::Fatal(_) => GroupError::UnknownOutcome { group },
     }
 }
 

@@ -603,6 +603,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }) => {
                     let outcome = crate::slots::apply(&mut ctx.batch, self.group, index, cmd)
                         .map_err(sm_write_err)?;
+                    tracing::debug!(
+                        group = self.group,
+                        index,
+                        command = cmd.describe(),
+                        outcome = outcome.describe(),
+                        "slot command applied"
+                    );
                     if !matches!(outcome, SlotOutcome::Refused(_))
                         && let Some(own) = ctx.batch.ownership()
                     {

@@ -131,15 +131,20 @@ pub enum SlotCommand {
         move_id: u64,
         slots: palisade_shard::SlotSet,
     },
-    /// Start importing `slots`: drop any records of them left by an earlier
-    /// attempt, and stage them (present, not served).
+    /// Start copy attempt `attempt` (numbered by the cluster map) of
+    /// `slots`: drop any records of them left by an earlier attempt, and
+    /// stage them (present, not served).
     ImportBegin {
         move_id: u64,
+        attempt: u64,
         slots: palisade_shard::SlotSet,
     },
-    /// Records of staged slots (as `StateTree::export_slots` gives them).
+    /// Chunk `seq` (from 0) of the attempt: records of staged slots (as
+    /// `StateTree::export_slots` gives them).
     ImportChunk {
         move_id: u64,
+        attempt: u64,
+        seq: u64,
         slots: palisade_shard::SlotSet,
         records: Vec<SlotRecord>,
     },
@@ -153,8 +158,13 @@ pub enum SlotCommand {
     /// Serve the staged `slots`, which group `from` handed off at its
     /// revision `source_revision`: from here on this group's revisions are
     /// above every revision the slots' data carries.
+    ///
+    /// Refused unless the staged copy is attempt `attempt` with exactly
+    /// `chunks` chunks, as the cluster map recorded when that copy ended.
     ImportCommit {
         move_id: u64,
+        attempt: u64,
+        chunks: u64,
         slots: palisade_shard::SlotSet,
         from: GroupId,
         source_revision: u64,
@@ -169,6 +179,55 @@ pub enum SlotCommand {
         move_id: u64,
         slots: palisade_shard::SlotSet,
     },
+}
+
+impl SlotCommand {
+    /// A one-line account for logs: the step, its move and how many slots.
+    pub fn describe(&self) -> String {
+        let (name, id, slots) = match self {
+            SlotCommand::Adopt { slots } => ("adopt", 0, slots),
+            SlotCommand::Freeze { move_id, slots } => ("freeze", *move_id, slots),
+            SlotCommand::Unfreeze { move_id, slots } => ("unfreeze", *move_id, slots),
+            SlotCommand::ImportBegin {
+                move_id,
+                attempt,
+                slots,
+            } => {
+                return format!(
+                    "import-begin move {move_id} attempt {attempt} slots {}",
+                    slots.len()
+                );
+            }
+            SlotCommand::ImportChunk {
+                move_id,
+                attempt,
+                seq,
+                records,
+                ..
+            } => {
+                return format!(
+                    "import-chunk move {move_id} attempt {attempt} chunk {seq} records {}",
+                    records.len()
+                );
+            }
+            SlotCommand::Handoff { move_id, slots, .. } => ("handoff", *move_id, slots),
+            SlotCommand::ImportCommit {
+                move_id,
+                attempt,
+                chunks,
+                slots,
+                ..
+            } => {
+                return format!(
+                    "import-commit move {move_id} attempt {attempt} chunks {chunks} slots {}",
+                    slots.len()
+                );
+            }
+            SlotCommand::Release { move_id, slots } => ("release", *move_id, slots),
+            SlotCommand::ImportAbort { move_id, slots } => ("import-abort", *move_id, slots),
+        };
+        format!("{name} move {id} slots {}", slots.len())
+    }
 }
 
 /// A fenced write's fence: the lock whose current token it must carry.

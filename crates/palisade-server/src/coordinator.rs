@@ -41,7 +41,7 @@ use palisade_proto::v1 as pb;
 use palisade_proto::v1::peer_client::PeerClient;
 use palisade_shard::{
     Action, ClusterMap, MapCommand, MapResult, MovePhase, NodeId, NodeState, Observation, Policy,
-    ReplicaChange, Role, SlotSet, plan,
+    ReplicaChange, Role, SlotMove, plan,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -54,6 +54,10 @@ use crate::router::Peer;
 const IMPORT_CHUNK_BYTES: u64 = 512 * 1024;
 /// How long a new coordinator watches leaders before balancing them.
 const LEADER_BALANCE_SETTLE: Duration = Duration::from_secs(5);
+/// How far behind the leader's log a new replica may still be when it
+/// becomes a voter: under steady writes it never has *every* entry, and
+/// replication closes a gap this small within a heartbeat or two.
+const CATCHUP_SLACK: u64 = 128;
 /// Consecutive failures of a slot move before it is rolled back (only
 /// possible before its hand-off).
 const MOVE_ATTEMPTS_BEFORE_ROLLBACK: u32 = 30;
@@ -132,7 +136,6 @@ impl Coordinator {
 
     /// Probes every node; returns what the planner needs.
     async fn observe(&mut self, node: &Arc<Node>, map: &ClusterMap) -> Observed {
-        let since = self.term.map_or_else(Instant::now, |(_, t)| t);
         let timeout = node
             .config
             .coordinator
@@ -174,7 +177,9 @@ impl Coordinator {
                     }
                 }
                 None => {
-                    let last = *self.last_seen.entry(*id).or_insert(since);
+                    // A node first seen in the map now (one that just
+                    // registered) gets the whole `down_after` from here.
+                    let last = *self.last_seen.entry(*id).or_insert(now);
                     if now.duration_since(last) > node.config.coordinator.down_after {
                         obs.down.insert(*id);
                     }
@@ -387,9 +392,30 @@ pub(crate) async fn propose_map_typed(
     }
 }
 
+/// Why a slot command did not go through.
+#[derive(Debug, thiserror::Error)]
+enum SlotsError {
+    /// The group applied it and refused it (it changed nothing).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// It may not have reached the group, or its outcome is unknown.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<SlotsError> for String {
+    fn from(e: SlotsError) -> Self {
+        e.to_string()
+    }
+}
+
 /// Proposes a slot command at `group`'s leader; returns the entry's
 /// revision.
-async fn propose_slots(node: &Arc<Node>, group: GroupId, cmd: SlotCommand) -> Result<u64, String> {
+async fn propose_slots(
+    node: &Arc<Node>,
+    group: GroupId,
+    cmd: SlotCommand,
+) -> Result<u64, SlotsError> {
     let reply = node
         .manage_leader(
             group,
@@ -399,13 +425,15 @@ async fn propose_slots(node: &Arc<Node>, group: GroupId, cmd: SlotCommand) -> Re
             node.config.write_timeout,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| SlotsError::Failed(e.to_string()))?;
     match reply {
         ManageReply::Applied(res) => match res.rejected {
-            Some(r) => Err(palisade_group::GroupError::Rejected(r).to_string()),
+            Some(r) => Err(SlotsError::Refused(
+                palisade_group::GroupError::Rejected(r).to_string(),
+            )),
             None => Ok(res.revision),
         },
-        other => Err(format!("unexpected reply {other:?}")),
+        other => Err(SlotsError::Failed(format!("unexpected reply {other:?}"))),
     }
 }
 
@@ -469,7 +497,8 @@ async fn drive_change(node: Arc<Node>, group: GroupId) -> Result<(), String> {
     let started = Instant::now();
     let catchup = node.config.coordinator.catchup_timeout;
     loop {
-        let map = node.map();
+        // Act only as the confirmed meta leader, on the map as of now.
+        let map = confirm_leadership(&node).await?;
         let Some(info) = map.groups.get(&group) else {
             return Ok(());
         };
@@ -624,7 +653,11 @@ fn next_change_step(
     report: &GroupReport,
 ) -> ChangeStep {
     let info = &map.groups[&group];
-    if Some(report.replica) == change.remove || Some(report.replica) == change.demote {
+    let leaving = |r: u64| Some(r) == change.remove || Some(r) == change.demote;
+    // A leader that leaves hands over first, if another voter can take
+    // over; a lone voter instead steps down when the configuration without
+    // it commits.
+    if leaving(report.replica) && report.voters.iter().any(|v| !leaving(*v)) {
         return ChangeStep::MoveLeader;
     }
     let members: BTreeSet<u64> = report.voters.union(&report.learners).copied().collect();
@@ -637,7 +670,7 @@ fn next_change_step(
         }
         if add.role == Role::Voter && !report.voters.contains(&add.replica) {
             let matched = report.matched.get(&add.replica).copied().unwrap_or(0);
-            if matched < report.last_log_index {
+            if matched + CATCHUP_SLACK < report.last_log_index {
                 return ChangeStep::CatchUp {
                     behind: report.last_log_index - matched,
                 };
@@ -699,14 +732,15 @@ pub(crate) async fn transfer_leader(
         return Ok(());
     }
     let leader_peer = peer_of(report.node).ok_or("the leader's node has no address")?;
-    // The target must have the whole log, or it cannot win.
+    // The target must have the whole log, or it cannot win: nearly all of
+    // it now, the rest while the hand-over stops new entries.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = leader_report(node, group).await?;
         if r.replica != report.replica {
             return Err("the leadership moved meanwhile".into());
         }
-        if r.matched.get(&target).copied().unwrap_or(0) >= r.last_log_index {
+        if r.matched.get(&target).copied().unwrap_or(0) + CATCHUP_SLACK >= r.last_log_index {
             break;
         }
         if Instant::now() > deadline {
@@ -740,7 +774,10 @@ pub(crate) async fn transfer_leader(
         node.manage(
             &leader_peer,
             group,
-            ManageRequest::BeginHandover { to: target },
+            ManageRequest::BeginHandover {
+                to: target,
+                for_ms: pause_ms,
+            },
             t,
         )
         .await
@@ -792,110 +829,156 @@ pub(crate) async fn transfer_leader(
 
 /// Carries a recorded slot move through its phases (see
 /// `palisade_group`'s `slots` module for what each does).
+///
+/// Every round first confirms this node still leads the meta group and
+/// rereads the map, so a coordinator that lost its leadership stops within
+/// a round; the group side fences whatever it sent meanwhile (see
+/// `palisade_group::slots::decide`).
 async fn drive_move(node: Arc<Node>, id: u64) -> Result<(), String> {
     let mut failures = 0u32;
-    let mut handoff_revision: Option<u64> = None;
     loop {
-        let map = node.map();
+        let map = confirm_leadership(&node).await?;
         let Some(m) = map.moving.clone().filter(|m| m.id == id) else {
             return Ok(());
         };
-        let step = async {
-            match m.phase {
-                MovePhase::Freeze => {
-                    // A group from before the map owns its slots only once
-                    // adopted; adopting what the map routes to it is a
-                    // no-op otherwise.
-                    propose_slots(
-                        &node,
-                        m.from,
-                        SlotCommand::Adopt {
-                            slots: map.slots_of(m.from),
-                        },
-                    )
-                    .await?;
-                    propose_slots(
-                        &node,
-                        m.from,
-                        SlotCommand::Freeze {
-                            move_id: id,
-                            slots: m.slots.clone(),
-                        },
-                    )
-                    .await?;
-                    set_phase(&node, id, MovePhase::Copy).await
-                }
-                MovePhase::Copy => {
-                    copy_slots(&node, id, &m.slots, m.from, m.to).await?;
-                    set_phase(&node, id, MovePhase::Handoff).await
-                }
-                MovePhase::Handoff | MovePhase::Commit => {
-                    // Repeating the hand-off is a no-op that tells the
-                    // source's revision (above every revision the data
-                    // carries).
-                    let r = propose_slots(
-                        &node,
-                        m.from,
-                        SlotCommand::Handoff {
-                            move_id: id,
-                            slots: m.slots.clone(),
-                            to: m.to,
-                        },
-                    )
-                    .await?;
-                    let source_revision = *handoff_revision.get_or_insert(r);
-                    if m.phase == MovePhase::Handoff {
-                        return set_phase(&node, id, MovePhase::Commit).await;
-                    }
-                    propose_slots(
-                        &node,
-                        m.to,
-                        SlotCommand::ImportCommit {
-                            move_id: id,
-                            slots: m.slots.clone(),
-                            from: m.from,
-                            source_revision,
-                        },
-                    )
-                    .await?;
-                    propose_map(&node, MapCommand::SwitchRoute { id })
-                        .await
-                        .map(|_| ())
-                }
-                MovePhase::Release => {
-                    propose_slots(
-                        &node,
-                        m.from,
-                        SlotCommand::Release {
-                            move_id: id,
-                            slots: m.slots.clone(),
-                        },
-                    )
-                    .await?;
-                    propose_map(&node, MapCommand::EndMove { id }).await?;
-                    tracing::info!(
-                        id,
-                        from = m.from,
-                        to = m.to,
-                        slots = m.slots.len(),
-                        "slot move done"
-                    );
-                    Ok(())
-                }
-            }
-        }
-        .await;
-        match step {
+        match move_step(&node, &map, &m).await {
             Ok(()) => failures = 0,
             Err(e) => {
                 failures += 1;
                 tracing::info!(id, phase = m.phase.name(), failures, error = %e, "slot move step failed");
                 if failures >= MOVE_ATTEMPTS_BEFORE_ROLLBACK && m.phase < MovePhase::Handoff {
-                    return roll_back_move(&node, id, &m.slots, m.from, m.to).await;
+                    tracing::warn!(id, from = m.from, to = m.to, "rolling back a slot move");
+                    if let Err(e) = set_phase(&node, id, MovePhase::Aborting).await {
+                        tracing::info!(id, error = %e, "recording the roll-back failed");
+                    }
+                    failures = 0;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+/// The map as of now, once this node has confirmed with a quorum that it
+/// still leads the meta group.
+async fn confirm_leadership(node: &Arc<Node>) -> Result<Arc<ClusterMap>, String> {
+    let meta = node.meta().ok_or("no meta replica here")?;
+    meta.read_index(node.config.read_timeout)
+        .await
+        .map_err(|e| format!("not confirmed as the meta leader: {e}"))?;
+    Ok(node.map())
+}
+
+/// Carries out move `m`'s current phase and records the next one.
+async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(), String> {
+    let id = m.id;
+    match m.phase {
+        MovePhase::Freeze => {
+            // A group from before the map serves every key until it has an
+            // ownership record: both ends get theirs first (a no-op for a
+            // group that has one).
+            for g in [m.from, m.to] {
+                let slots = map.slots_of(g);
+                propose_slots(node, g, SlotCommand::Adopt { slots }).await?;
+            }
+            propose_slots(
+                node,
+                m.from,
+                SlotCommand::Freeze {
+                    move_id: id,
+                    slots: m.slots.clone(),
+                },
+            )
+            .await?;
+            set_phase(node, id, MovePhase::Copy).await
+        }
+        MovePhase::Copy => {
+            let (attempt, chunks) = copy_slots(node, m).await?;
+            propose_map(
+                node,
+                MapCommand::CopyDone {
+                    id,
+                    attempt,
+                    chunks,
+                },
+            )
+            .await
+            .map(|_| ())
+        }
+        MovePhase::Handoff => {
+            propose_slots(node, m.from, handoff(m)).await?;
+            set_phase(node, id, MovePhase::Commit).await
+        }
+        MovePhase::Commit => {
+            // Repeating the hand-off is a no-op that tells the source's
+            // revision now: above every revision the data carries.
+            let source_revision = propose_slots(node, m.from, handoff(m)).await?;
+            let Some((attempt, chunks)) = m.copied else {
+                return Err(format!("move {id} reached its commit without a copy"));
+            };
+            let commit = SlotCommand::ImportCommit {
+                move_id: id,
+                attempt,
+                chunks,
+                slots: m.slots.clone(),
+                from: m.from,
+                source_revision,
+            };
+            match propose_slots(node, m.to, commit).await {
+                Ok(_) => {}
+                Err(SlotsError::Refused(why)) => {
+                    // The target does not hold the recorded copy (a
+                    // coordinator that lost its leadership mixed in). The
+                    // source still has every record and takes no writes:
+                    // copy again, record it, and commit on the next round.
+                    tracing::warn!(id, why, "the target's copy does not match; copying again");
+                    let (attempt, chunks) = copy_slots(node, m).await?;
+                    propose_map(
+                        node,
+                        MapCommand::CopyDone {
+                            id,
+                            attempt,
+                            chunks,
+                        },
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            propose_map(node, MapCommand::SwitchRoute { id })
+                .await
+                .map(|_| ())
+        }
+        MovePhase::Release => {
+            propose_slots(
+                node,
+                m.from,
+                SlotCommand::Release {
+                    move_id: id,
+                    slots: m.slots.clone(),
+                },
+            )
+            .await?;
+            propose_map(node, MapCommand::EndMove { id }).await?;
+            tracing::info!(
+                id,
+                from = m.from,
+                to = m.to,
+                slots = m.slots.len(),
+                "slot move done"
+            );
+            Ok(())
+        }
+        MovePhase::Aborting => roll_back_move(node, m).await,
+    }
+}
+
+fn handoff(m: &SlotMove) -> SlotCommand {
+    SlotCommand::Handoff {
+        move_id: m.id,
+        slots: m.slots.clone(),
+        to: m.to,
     }
 }
 
@@ -906,31 +989,33 @@ async fn set_phase(node: &Arc<Node>, id: u64, phase: MovePhase) -> Result<(), St
 }
 
 /// Copies the frozen slots' records from the source's leader into the
-/// target, staged.
-async fn copy_slots(
-    node: &Arc<Node>,
-    id: u64,
-    slots: &SlotSet,
-    from: GroupId,
-    to: GroupId,
-) -> Result<(), String> {
+/// target, staged, as a new copy attempt; returns the attempt and how many
+/// chunks it sent.
+async fn copy_slots(node: &Arc<Node>, m: &SlotMove) -> Result<(u64, u64), String> {
+    let id = m.id;
+    let attempt = match propose_map(node, MapCommand::BeginCopy { id }).await? {
+        MapResult::Attempt(a) => a,
+        other => return Err(format!("unexpected answer {other:?} to a copy attempt")),
+    };
     propose_slots(
         node,
-        to,
+        m.to,
         SlotCommand::ImportBegin {
             move_id: id,
-            slots: slots.clone(),
+            attempt,
+            slots: m.slots.clone(),
         },
     )
     .await?;
     let mut cursor = Vec::new();
     let mut copied = 0usize;
+    let mut seq = 0u64;
     loop {
         let reply = node
             .manage_leader(
-                from,
+                m.from,
                 ManageRequest::Export {
-                    slots: slots.clone(),
+                    slots: m.slots.clone(),
                     from: cursor.clone(),
                     max_bytes: IMPORT_CHUNK_BYTES,
                 },
@@ -945,55 +1030,61 @@ async fn copy_slots(
         if !records.is_empty() {
             propose_slots(
                 node,
-                to,
+                m.to,
                 SlotCommand::ImportChunk {
                     move_id: id,
-                    slots: slots.clone(),
+                    attempt,
+                    seq,
+                    slots: m.slots.clone(),
                     records,
                 },
             )
             .await?;
+            seq += 1;
         }
         match next {
             Some(k) => cursor = k,
             None => break,
         }
     }
-    tracing::info!(id, from, to, records = copied, "slot data copied");
-    Ok(())
+    tracing::info!(
+        id,
+        attempt,
+        from = m.from,
+        to = m.to,
+        records = copied,
+        chunks = seq,
+        "slot data copied"
+    );
+    Ok((attempt, seq))
 }
 
-/// Rolls back a move that has not handed off: the target drops its staged
-/// copy, the source takes writes again, the map forgets the move.
-async fn roll_back_move(
-    node: &Arc<Node>,
-    id: u64,
-    slots: &SlotSet,
-    from: GroupId,
-    to: GroupId,
-) -> Result<(), String> {
-    tracing::warn!(id, from, to, "rolling back a slot move");
-    if node.map().groups.contains_key(&to) {
-        propose_slots(
-            node,
-            to,
-            SlotCommand::ImportAbort {
-                move_id: id,
-                slots: slots.clone(),
-            },
-        )
-        .await?;
-    }
+/// Rolls back a move recorded as `Aborting`: the source takes writes
+/// again, the target drops its staged copy, the map forgets the move.
+/// The target's part is best effort: a staged copy left behind is never
+/// served, and the next import into that group replaces it.
+async fn roll_back_move(node: &Arc<Node>, m: &SlotMove) -> Result<(), String> {
+    let id = m.id;
     propose_slots(
         node,
-        from,
+        m.from,
         SlotCommand::Unfreeze {
             move_id: id,
-            slots: slots.clone(),
+            slots: m.slots.clone(),
         },
     )
     .await?;
+    if node.map().groups.contains_key(&m.to) {
+        let abort = SlotCommand::ImportAbort {
+            move_id: id,
+            slots: m.slots.clone(),
+        };
+        if let Err(e) = propose_slots(node, m.to, abort).await {
+            tracing::warn!(id, group = m.to, error = %e, "the target kept its staged copy");
+        }
+    }
     propose_map(node, MapCommand::AbortMove { id }).await?;
+    tracing::warn!(id, from = m.from, to = m.to, "slot move rolled back");
     Ok(())
 }
 
@@ -1014,7 +1105,7 @@ mod tests {
             voters: voters.iter().copied().collect(),
             learners: learners.iter().copied().collect(),
             committed: true,
-            last_log_index: 100,
+            last_log_index: 1000,
             matched: matched.iter().copied().collect(),
             ..GroupReport::default()
         }
@@ -1050,10 +1141,15 @@ mod tests {
         );
         assert_eq!(
             step(&report(1, &[1, 2, 3], &[new], &[(new, 60)])),
-            ChangeStep::CatchUp { behind: 40 }
+            ChangeStep::CatchUp { behind: 940 }
         );
         assert_eq!(
-            step(&report(1, &[1, 2, 3], &[new], &[(new, 100)])),
+            step(&report(
+                1,
+                &[1, 2, 3],
+                &[new],
+                &[(new, 1000 - CATCHUP_SLACK)]
+            )),
             ChangeStep::SetVoters {
                 voters: [1, 2, new].into(),
                 keep_removed: false
@@ -1069,6 +1165,48 @@ mod tests {
         uncommitted.committed = false;
         assert!(matches!(step(&uncommitted), ChangeStep::SetVoters { .. }));
         assert_eq!(step(&report(1, &[1, 2, new], &[], &[])), ChangeStep::Finish);
+    }
+
+    #[test]
+    fn a_lone_leaving_voter_does_not_wait_for_a_successor_to_lead() {
+        // Replication 1: the only voter moves to node 2. No other voter
+        // can take the leadership, so the change goes ahead and the old
+        // voter steps down once the configuration without it commits.
+        let nodes: BTreeMap<u64, String> = (1..=2).map(|i| (i, format!("n{i}:1"))).collect();
+        let map = ClusterMap::bootstrap(1, &nodes, 1, 1).unwrap();
+        let group = 1;
+        let lone = *map.groups[&group].voters().iter().next().unwrap();
+        let to = if map.groups[&group].replicas[&lone].node == 1 {
+            2
+        } else {
+            1
+        };
+        let new = 1 << 20;
+        let change = ReplicaChange {
+            add: Some(AddReplica {
+                replica: new,
+                node: to,
+                role: Role::Voter,
+            }),
+            remove: Some(lone),
+            promote: None,
+            demote: None,
+        };
+        let step = |r: &GroupReport| next_change_step(&map, group, &change, r);
+        assert_eq!(
+            step(&report(lone, &[lone], &[], &[])),
+            ChangeStep::AddLearner {
+                replica: new,
+                node: to
+            }
+        );
+        assert_eq!(
+            step(&report(lone, &[lone], &[new], &[(new, 1000)])),
+            ChangeStep::SetVoters {
+                voters: [new].into(),
+                keep_removed: false
+            }
+        );
     }
 
     #[test]

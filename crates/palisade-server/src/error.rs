@@ -47,6 +47,8 @@ pub enum ServerError {
     InvalidArgument(String),
     #[error("group {0} does not exist on this cluster")]
     UnknownGroup(u64),
+    #[error("node {0} is not in the cluster")]
+    UnknownNode(u64),
     /// A read or compaction at a revision the group does not have (any
     /// more, or yet).
     #[error("group {group}: {source}")]
@@ -180,7 +182,7 @@ impl From<ServerError> for Status {
         let msg = e.to_string();
         match e {
             ServerError::InvalidArgument(_) => Status::invalid_argument(msg),
-            ServerError::UnknownGroup(_) => Status::not_found(msg),
+            ServerError::UnknownGroup(_) | ServerError::UnknownNode(_) => Status::not_found(msg),
             ServerError::Remote(status) => status,
             ServerError::MapNotReady => not_leader_status(0, None, msg),
             // Retryable elsewhere: the cluster goes on without this node.
@@ -342,6 +344,11 @@ fn rejection_status(r: Rejection, msg: String) -> Status {
                 group_id: 0,
                 retry_after_ms: SLOT_MOVING_RETRY_MS,
             }),
+        ),
+        Rejection::Map(palisade_shard::MapError::NodeRemoved(id)) => with_detail(
+            Code::FailedPrecondition,
+            msg,
+            error_detail::Kind::NodeRemoved(palisade_proto::v1::NodeRemoved { node_id: id }),
         ),
         Rejection::Map(_) | Rejection::BadSlots(_) => Status::failed_precondition(msg),
     }

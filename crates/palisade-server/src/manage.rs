@@ -52,8 +52,11 @@ pub enum ManageRequest {
         from: Vec<u8>,
         max_bytes: u64,
     },
+    /// Hand leadership to `to`; ends by itself after `for_ms` (at most
+    /// 30 s) if nobody ends it sooner.
     BeginHandover {
         to: ReplicaId,
+        for_ms: u64,
     },
     EndHandover,
     /// Turn this replica's own elections off (for `for_ms` at most) or on.
@@ -256,8 +259,14 @@ impl Node {
                     next,
                 })
             }
-            ManageRequest::BeginHandover { to } => {
-                group.begin_handover(to).map_err(g)?;
+            ManageRequest::BeginHandover { to, for_ms } => {
+                let number = group.begin_handover(to).map_err(g)?;
+                let group = group.clone();
+                let for_ = Duration::from_millis(for_ms).min(Duration::from_secs(30));
+                tokio::spawn(async move {
+                    tokio::time::sleep(for_).await;
+                    group.end_handover_of(number);
+                });
                 Ok(ManageReply::Done)
             }
             ManageRequest::EndHandover => {

@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
-use crate::error::ServerError;
+use crate::error::{ServerError, error_detail};
 use crate::registry::GroupRegistry;
 use crate::router::LeaderCache;
 use crate::service;
@@ -546,6 +546,11 @@ async fn join_cluster(
                 let r = resp.into_inner();
                 tracing::info!(node = r.node_id, cluster = r.cluster_id, via = %addr, "joined the cluster");
                 return Ok((r.node_id, r.cluster_id));
+            }
+            Ok(Ok(Err(status)))
+                if let Some(pb::error_detail::Kind::NodeRemoved(r)) = error_detail(&status) =>
+            {
+                return Err(ServerError::NodeRemoved(r.node_id));
             }
             Ok(Ok(Err(status)))
                 if matches!(

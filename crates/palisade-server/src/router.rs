@@ -237,7 +237,12 @@ impl Node {
                 if let Some(palisade_proto::v1::error_detail::Kind::NotLeader(nl)) =
                     crate::error::error_detail(&status)
                 {
-                    if nl.leader_id != 0 && !nl.leader_addr.is_empty() {
+                    // A hint naming the node just asked (which does not
+                    // lead) or this one teaches nothing.
+                    let useless = nl.leader_id == peer.node
+                        || nl.leader_id == self.id()
+                        || nl.leader_addr == peer.addr;
+                    if nl.leader_id != 0 && !nl.leader_addr.is_empty() && !useless {
                         self.leaders.remember(
                             group,
                             Peer {
@@ -316,7 +321,12 @@ impl Node {
             let node = self.map().node_of(group, replica).unwrap_or(0);
             return Some(Peer { node, addr });
         }
-        self.leaders.get(group)
+        // What forwarding learned, unless it names this node: it was
+        // learned while this node hosted the group, which it no longer
+        // does (forwarding to itself would only bounce back).
+        self.leaders
+            .get(group)
+            .filter(|p| p.node != self.id() && p.addr != self.config.advertise_addr())
     }
 
     /// Maps an error to its status; leader hints name nodes (not replica

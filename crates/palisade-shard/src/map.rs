@@ -259,6 +259,11 @@ pub enum MovePhase {
     Commit,
     /// The route points at the target; the source deletes its copy.
     Release,
+    /// The move is being rolled back (only from `Freeze` or `Copy`): the
+    /// source takes writes again, the target drops its staged copy, then
+    /// the map forgets the move. Recorded first, so no coordinator can
+    /// take the move forward once any of that has happened.
+    Aborting,
 }
 
 impl MovePhase {
@@ -269,6 +274,7 @@ impl MovePhase {
             MovePhase::Handoff => "handoff",
             MovePhase::Commit => "commit",
             MovePhase::Release => "release",
+            MovePhase::Aborting => "aborting",
         }
     }
 }
@@ -281,6 +287,18 @@ pub struct SlotMove {
     pub from: GroupId,
     pub to: GroupId,
     pub phase: MovePhase,
+    /// The last copy attempt handed out (see [`MapCommand::BeginCopy`]).
+    pub attempt: u64,
+    /// The copy the target must hold to commit: its attempt and chunk
+    /// count, recorded when it ended.
+    pub copied: Option<(u64, u64)>,
+}
+
+/// What registering a node did.
+enum Registered {
+    New(NodeId),
+    /// It was registered already (a retry).
+    Already(NodeId),
 }
 
 /// The whole map.
@@ -375,11 +393,27 @@ pub enum MapCommand {
         from: GroupId,
         to: GroupId,
     },
-    /// Moves the recorded slot move `id` to `phase` (forward only;
-    /// `Release` is reached through [`MapCommand::SwitchRoute`]).
+    /// Moves the recorded slot move `id` to `phase`: `Copy` from `Freeze`,
+    /// `Commit` from `Handoff`, `Aborting` from `Freeze` or `Copy`
+    /// (`Handoff` is reached through [`MapCommand::CopyDone`], `Release`
+    /// through [`MapCommand::SwitchRoute`]).
     SetMovePhase {
         id: u64,
         phase: MovePhase,
+    },
+    /// Hands out the next copy attempt number of move `id` (in `Copy`, or
+    /// in `Commit` when the target's staged copy must be redone). Group
+    /// commands carry it, so a copy by a coordinator that since lost its
+    /// leadership cannot mix with a newer one.
+    BeginCopy {
+        id: u64,
+    },
+    /// Copy attempt `attempt` of move `id` ended with `chunks` chunks
+    /// (from `Copy` this enters `Handoff`).
+    CopyDone {
+        id: u64,
+        attempt: u64,
+        chunks: u64,
     },
     /// The target serves the slots: route them there (phase `Release`).
     SwitchRoute {
@@ -389,7 +423,7 @@ pub enum MapCommand {
     EndMove {
         id: u64,
     },
-    /// Rolls back a move that has not handed off yet.
+    /// Forgets a move being rolled back (in `Aborting`).
     AbortMove {
         id: u64,
     },
@@ -407,6 +441,8 @@ pub enum MapResult {
     Group(GroupId),
     Replica(ReplicaId),
     Move(u64),
+    /// A copy attempt number.
+    Attempt(u64),
 }
 
 /// Why a command was refused (the same on every replica; nothing changed).
@@ -617,9 +653,9 @@ impl ClusterMap {
                     kind: kind.clone(),
                 };
                 match self.register_node(*id, node)? {
-                    Some(id) => MapResult::Node(id),
+                    Registered::New(id) => MapResult::Node(id),
                     // A retry: nothing changes, not even the epoch.
-                    None => return Ok(MapResult::Node(*id)),
+                    Registered::Already(id) => return Ok(MapResult::Node(id)),
                 }
             }
             MapCommand::SetNodeState { node, state } => {
@@ -689,7 +725,13 @@ impl ClusterMap {
             MapCommand::BeginMove { slots, from, to } => self.begin_move(slots, *from, *to)?,
             MapCommand::SetMovePhase { id, phase } => {
                 let m = self.move_mut(*id)?;
-                if *phase <= m.phase || *phase == MovePhase::Release {
+                let allowed = match phase {
+                    MovePhase::Aborting => m.phase < MovePhase::Handoff,
+                    MovePhase::Copy => m.phase == MovePhase::Freeze,
+                    MovePhase::Commit => m.phase == MovePhase::Handoff,
+                    MovePhase::Freeze | MovePhase::Handoff | MovePhase::Release => false,
+                };
+                if !allowed {
                     return Err(MapError::BadMove(format!(
                         "move {id} cannot go from {} to {}",
                         m.phase.name(),
@@ -697,6 +739,37 @@ impl ClusterMap {
                     )));
                 }
                 m.phase = *phase;
+                MapResult::Done
+            }
+            MapCommand::BeginCopy { id } => {
+                let m = self.move_mut(*id)?;
+                if !matches!(m.phase, MovePhase::Copy | MovePhase::Commit) {
+                    return Err(MapError::BadMove(format!(
+                        "move {id} copies only in copy or commit (it is in {})",
+                        m.phase.name()
+                    )));
+                }
+                m.attempt += 1;
+                MapResult::Attempt(m.attempt)
+            }
+            MapCommand::CopyDone {
+                id,
+                attempt,
+                chunks,
+            } => {
+                let m = self.move_mut(*id)?;
+                if !matches!(m.phase, MovePhase::Copy | MovePhase::Commit) || *attempt != m.attempt
+                {
+                    return Err(MapError::BadMove(format!(
+                        "copy attempt {attempt} of move {id} is not the current one (attempt {}, {})",
+                        m.attempt,
+                        m.phase.name()
+                    )));
+                }
+                m.copied = Some((*attempt, *chunks));
+                if m.phase == MovePhase::Copy {
+                    m.phase = MovePhase::Handoff;
+                }
                 MapResult::Done
             }
             MapCommand::SwitchRoute { id } => {
@@ -729,9 +802,10 @@ impl ClusterMap {
             }
             MapCommand::AbortMove { id } => {
                 let m = self.move_mut(*id)?;
-                if m.phase >= MovePhase::Handoff {
+                if m.phase != MovePhase::Aborting {
                     return Err(MapError::BadMove(format!(
-                        "move {id} has handed off; it can only go forward"
+                        "move {id} is not being rolled back (it is in {})",
+                        m.phase.name()
                     )));
                 }
                 self.moving = None;
@@ -806,12 +880,17 @@ impl ClusterMap {
     }
 
     /// Registers a node; `None` when it was registered already (a retry).
-    fn register_node(&mut self, id: NodeId, node: NodeInfo) -> Result<Option<NodeId>, MapError> {
-        if let Some((other, _)) = self
+    fn register_node(&mut self, id: NodeId, node: NodeInfo) -> Result<Registered, MapError> {
+        if let Some((other, n)) = self
             .nodes
             .iter()
             .find(|(i, n)| n.addr == node.addr && n.state != NodeState::Removed && **i != id)
         {
+            // A node asking for an id retries after its first request
+            // committed unseen: it gets the id it was given.
+            if id == 0 && n.state == NodeState::Joining && n.kind == node.kind {
+                return Ok(Registered::Already(*other));
+            }
             return Err(MapError::AddressInUse {
                 addr: node.addr,
                 node: *other,
@@ -824,13 +903,13 @@ impl ClusterMap {
                 return Err(MapError::NodeRemoved(id));
             }
             if existing.addr == node.addr {
-                return Ok(None);
+                return Ok(Registered::Already(id));
             }
             return Err(MapError::NodeIdTaken(id));
         }
         self.nodes.insert(id, node);
         self.next_node_id = self.next_node_id.max(id + 1);
-        Ok(Some(id))
+        Ok(Registered::New(id))
     }
 
     fn create_group(&mut self, nodes: &[NodeId]) -> Result<MapResult, MapError> {
@@ -1040,6 +1119,8 @@ impl ClusterMap {
             from,
             to,
             phase: MovePhase::Freeze,
+            attempt: 0,
+            copied: None,
         });
         Ok(MapResult::Move(id))
     }
@@ -1211,6 +1292,11 @@ mod tests {
         });
         assert_eq!(back, Err(MapError::NodeRemoved(4)));
         assert_eq!(register(&mut map, "10.0.0.9:7001"), 5, "a fresh id");
+        // A joining node whose request committed unseen retries: same id,
+        // nothing changes.
+        let epoch = map.epoch;
+        assert_eq!(register(&mut map, "10.0.0.9:7001"), 5, "a retry");
+        assert_eq!(map.epoch, epoch);
         // An address in use by a live node is refused.
         assert!(matches!(
             map.apply(&MapCommand::RegisterNode {
@@ -1375,17 +1461,53 @@ mod tests {
         );
         let phase =
             |map: &mut ClusterMap, phase| map.apply(&MapCommand::SetMovePhase { id, phase });
+        let copy_done = |map: &mut ClusterMap, attempt, chunks| {
+            map.apply(&MapCommand::CopyDone {
+                id,
+                attempt,
+                chunks,
+            })
+        };
         assert!(
-            phase(&mut map, MovePhase::Handoff).is_ok(),
-            "phases may be skipped forward"
+            phase(&mut map, MovePhase::Handoff).is_err(),
+            "the hand-off needs a recorded copy"
         );
+        assert!(
+            map.apply(&MapCommand::BeginCopy { id }).is_err(),
+            "no copy while freezing"
+        );
+        phase(&mut map, MovePhase::Copy).unwrap();
+        assert_eq!(
+            map.apply(&MapCommand::BeginCopy { id }),
+            Ok(MapResult::Attempt(1))
+        );
+        assert_eq!(
+            map.apply(&MapCommand::BeginCopy { id }),
+            Ok(MapResult::Attempt(2))
+        );
+        assert!(copy_done(&mut map, 1, 3).is_err(), "a stale attempt");
+        copy_done(&mut map, 2, 3).unwrap();
+        let m = map.moving.clone().unwrap();
+        assert_eq!((m.phase, m.copied), (MovePhase::Handoff, Some((2, 3))));
         assert!(phase(&mut map, MovePhase::Copy).is_err(), "never backwards");
+        assert!(
+            phase(&mut map, MovePhase::Aborting).is_err(),
+            "no roll-back after the copy is recorded"
+        );
         assert!(matches!(
             map.apply(&MapCommand::AbortMove { id }),
             Err(MapError::BadMove(_))
         ));
         assert!(map.apply(&MapCommand::SwitchRoute { id }).is_err());
         phase(&mut map, MovePhase::Commit).unwrap();
+        // A copy redone at commit is recorded without changing the phase.
+        assert_eq!(
+            map.apply(&MapCommand::BeginCopy { id }),
+            Ok(MapResult::Attempt(3))
+        );
+        copy_done(&mut map, 3, 4).unwrap();
+        let m = map.moving.clone().unwrap();
+        assert_eq!((m.phase, m.copied), (MovePhase::Commit, Some((3, 4))));
         let (e1, e5) = (map.groups[&1].epoch, map.groups[&5].epoch);
         map.apply(&MapCommand::SwitchRoute { id }).unwrap();
         assert_eq!(map.group_of_slot(4), Some(5));
@@ -1414,11 +1536,16 @@ mod tests {
             Ok(MapResult::Move(id)) => id,
             other => panic!("{other:?}"),
         };
-        map.apply(&MapCommand::SetMovePhase {
-            id,
-            phase: MovePhase::Copy,
-        })
-        .unwrap();
+        let phase =
+            |map: &mut ClusterMap, phase| map.apply(&MapCommand::SetMovePhase { id, phase });
+        phase(&mut map, MovePhase::Copy).unwrap();
+        assert!(
+            map.apply(&MapCommand::AbortMove { id }).is_err(),
+            "the roll-back is recorded before it is carried out"
+        );
+        phase(&mut map, MovePhase::Aborting).unwrap();
+        assert!(phase(&mut map, MovePhase::Commit).is_err(), "no way back");
+        assert!(map.apply(&MapCommand::BeginCopy { id }).is_err());
         map.apply(&MapCommand::AbortMove { id }).unwrap();
         assert_eq!(map.group_of_slot(2), Some(3));
         assert_eq!(

@@ -677,11 +677,24 @@ mod tests {
                 else {
                     panic!()
                 };
-                map.apply(&MapCommand::SetMovePhase {
-                    id,
-                    phase: crate::map::MovePhase::Commit,
-                })
-                .unwrap();
+                for cmd in [
+                    MapCommand::SetMovePhase {
+                        id,
+                        phase: crate::map::MovePhase::Copy,
+                    },
+                    MapCommand::BeginCopy { id },
+                    MapCommand::CopyDone {
+                        id,
+                        attempt: 1,
+                        chunks: 0,
+                    },
+                    MapCommand::SetMovePhase {
+                        id,
+                        phase: crate::map::MovePhase::Commit,
+                    },
+                ] {
+                    map.apply(&cmd).unwrap();
+                }
                 map.apply(&MapCommand::SwitchRoute { id }).unwrap();
                 map.apply(&MapCommand::EndMove { id }).unwrap();
             }

@@ -54,7 +54,7 @@ use std::path::Path;
 pub use error::StoreError;
 pub use flush::{FlushMode, FlushStats, Flusher};
 pub use log::LogStore;
-pub use ownership::Ownership;
+pub use ownership::{ImportProgress, Ownership};
 pub use snapshot::SnapshotStore;
 pub use state::{
     KeyEntry, KeyHistory, KeyRecord, LeaseRecord, LockRecord, PastVersion, RawRecord, ScanResult,

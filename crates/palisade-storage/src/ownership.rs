@@ -40,6 +40,25 @@ pub struct Ownership {
     /// it handed them off. A session that saw this group's data of the
     /// slot has seen everything that group did with it.
     pub came_from: BTreeMap<Slot, (u64, u64)>,
+    /// The move whose `Freeze` froze `frozen` (0: none).
+    pub freeze_move: u64,
+    /// The copy being imported into `staged`, if any.
+    pub import: Option<ImportProgress>,
+    /// The highest move that is over as far as this group goes (committed
+    /// or aborted here, released or unfrozen here). A command of such a
+    /// move changes nothing: it is a repeat, or a step of a coordinator
+    /// that lost its leadership and does not know yet.
+    pub fence: u64,
+}
+
+/// One attempt at copying a move's slots in: which move, which attempt (the
+/// cluster map hands out attempt numbers, so a coordinator that lost its
+/// leadership can only send older ones), and how many chunks arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ImportProgress {
+    pub move_id: u64,
+    pub attempt: u64,
+    pub chunks: u64,
 }
 
 impl Ownership {

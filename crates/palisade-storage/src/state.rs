@@ -1174,6 +1174,18 @@ impl StateBatch<'_> {
         Ok(n)
     }
 
+    /// Why `records` (from another node, over the network) cannot be an
+    /// import of `slots`, if they cannot: each must be a record of one of
+    /// those slots or a deduplication result.
+    pub fn check_import(slots: &SlotSet, records: &[RawRecord]) -> Option<String> {
+        records.iter().find_map(|(k, _)| match record_home(k) {
+            RecordHome::Slot(s) if slots.contains(s) => None,
+            RecordHome::Dedup => None,
+            RecordHome::Slot(s) => Some(format!("a record of slot {s}, which is not imported")),
+            RecordHome::Group => Some("a group record, which never moves".into()),
+        })
+    }
+
     /// Writes records exported by [`StateTree::export_slots`] elsewhere.
     /// Deduplication results already present here are kept.
     pub fn import_records(&mut self, records: Vec<RawRecord>) -> Result<(), StoreError> {

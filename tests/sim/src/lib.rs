@@ -362,6 +362,7 @@ async fn final_reads(
     via: u64,
 ) -> turmoil::Result {
     let kv = kv_client(via);
+    let mut failed = Vec::new();
     for k in 0..=keys {
         let key = format!("r{k}");
         let process = {
@@ -374,11 +375,24 @@ async fn final_reads(
             let mut kv = kv.clone();
             let key = key.clone().into_bytes();
             async move {
-                kv.get(pb::GetRequest {
+                // A request the cluster never answers is a failure to
+                // report, not a reason to wait forever.
+                let call = kv.get(pb::GetRequest {
                     key,
                     ..Default::default()
-                })
-                .await
+                });
+                let r = match tokio::time::timeout(FINAL_READ_TIMEOUT, call).await {
+                    Ok(r) => r,
+                    Err(_) => Err(tonic::Status::unavailable(format!(
+                        "no answer within {FINAL_READ_TIMEOUT:?}"
+                    ))),
+                };
+                if let Err(e) = &r
+                    && std::env::var_os("PALISADE_SIM_LOG").is_some()
+                {
+                    eprintln!("final read failed: {:?} {}", e.code(), e.message());
+                }
+                r
             }
         })
         .await;
@@ -389,11 +403,18 @@ async fn final_reads(
                 });
                 rec.record(process, Kind::Ok, F::Read, &key, v);
             }
-            Err(_) => rec.record(process, Kind::Fail, F::Read, &key, Value::Null),
+            Err(e) => {
+                rec.record(process, Kind::Fail, F::Read, &key, Value::Null);
+                failed.push(format!("{key}: {:?} {}", e.code(), e.message()));
+            }
         }
     }
+    FINAL_READ_FAILURES.with(|f| f.borrow_mut().extend(failed));
     Ok(())
 }
+
+/// How long one attempt of a final read may take.
+const FINAL_READ_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A fault from the schedule.
 #[derive(Debug, Clone)]
@@ -573,6 +594,8 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     }
     REGISTRY.with(|r| r.borrow_mut().clear());
     ELECT.with(|e| e.borrow_mut().clear());
+    EXITED.with(|e| e.borrow_mut().clear());
+    FINAL_READ_FAILURES.with(|f| f.borrow_mut().clear());
     let mut invariants = Invariants::default();
     let mut next_observation = Duration::ZERO;
     let rec = Recorder::default();
@@ -755,6 +778,17 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     if opts.membership {
         describe_cluster(&mut trace);
     }
+    let unread = FINAL_READ_FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()));
+    if !unread.is_empty() {
+        problems.push(format!(
+            "{} keys could not be read after every fault healed (first: {})",
+            unread.len(),
+            unread[0]
+        ));
+    }
+    for n in EXITED.with(|e| std::mem::take(&mut *e.borrow_mut())) {
+        trace.push(format!("node {n} exited: the cluster had removed it"));
+    }
     REGISTRY.with(|r| r.borrow_mut().clear());
     palisade_group::observe::clear_observer();
     palisade_group::runtime::unseed_thread_rng();
@@ -831,12 +865,25 @@ thread_local! {
     /// Nodes asked to start an election now (a leader change that waits for
     /// no timeout); drained by each node's control task.
     static ELECT: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// Nodes that exited because the cluster had removed them.
+    static EXITED: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// Keys the final reads could not read after everything healed.
+    static FINAL_READ_FAILURES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Like [`run_node`], but registers the node for invariant observation.
 pub async fn run_registered_node(config: NodeConfig) -> Result<(), Box<dyn std::error::Error>> {
     let id = config.id;
-    let node = Node::open_with(config, Arc::new(SimConnector)).await?;
+    let node = match Node::open_with(config, Arc::new(SimConnector)).await {
+        Ok(node) => node,
+        // The cluster removed this node (it was down past `down_after`)
+        // before it could come back: it exits, as a real one does.
+        Err(palisade_server::ServerError::NodeRemoved(n)) => {
+            EXITED.with(|e| e.borrow_mut().push(n));
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     REGISTRY.with(|r| {
         let mut r = r.borrow_mut();
         let incarnation = r.len() as u64;

@@ -74,10 +74,18 @@ async fn attempt_change(
     match change {
         Change::Drain(n) | Change::Remove(n) => {
             let dead = matches!(change, Change::Remove(_));
-            admin
+            match admin
                 .drain_node(pb::DrainNodeRequest { node_id: *n, dead })
                 .await
-                .map_err(status)?;
+            {
+                Ok(_) => {}
+                // A joining node stopped before it registered: the cluster
+                // never knew it, which is what removing it asks for.
+                Err(e) if dead && e.code() == tonic::Code::NotFound => {
+                    return Ok(format!("node {n} never registered"));
+                }
+                Err(e) => return Err(status(e)),
+            }
             Ok(format!(
                 "{} node {n}",
                 if dead { "removed" } else { "drained" }

@@ -87,12 +87,9 @@ impl AdminService {
 /// A map command's result. The map's refusal is `FAILED_PRECONDITION`
 /// (with its reason); a lost meta leadership or quorum stays retryable.
 async fn change_map(node: &Arc<Node>, cmd: MapCommand) -> Result<MapResult, ServerError> {
-    propose_map_typed(node, cmd).await.map_err(|e| match e {
-        GroupError::Rejected(r) => {
-            ServerError::FailedPrecondition(GroupError::Rejected(r).to_string())
-        }
-        other => ServerError::Group(other),
-    })
+    propose_map_typed(node, cmd)
+        .await
+        .map_err(ServerError::Group)
 }
 
 fn node_state(s: NodeState) -> pb::NodeState {
@@ -347,9 +344,10 @@ impl Admin for AdminService {
                 let (id, dead) = (r.node_id, r.dead);
                 async move {
                     let map = node.map();
-                    let info = map.nodes.get(&id).ok_or_else(|| {
-                        ServerError::InvalidArgument(format!("node {id} is not in the cluster"))
-                    })?;
+                    let info = map
+                        .nodes
+                        .get(&id)
+                        .ok_or_else(|| ServerError::UnknownNode(id))?;
                     if info.state != NodeState::Removed && info.state != NodeState::Draining {
                         change_map(
                             &node,
