@@ -106,11 +106,21 @@ async fn a_cluster_written_before_the_cluster_map_opens_with_every_key_and_then_
     check_every_key(&client, &expected).await;
     let got = client.get("after-upgrade").await.unwrap().kv.unwrap();
     assert_eq!(got.value, b"new");
-    // A lease of the old version stays in its group (see the README on
-    // what that means for its keys when their slots move).
+    // A lease of the old version stays in its group, and so does the slot
+    // of its key (other slots moved in its place): the key still ends with
+    // the lease.
     let ttl = client
         .lease_time_to_live(lease)
         .await
         .expect("old lease after the regroup");
     assert_eq!(ttl.granted_ttl_ms, 86_400_000);
+    assert_eq!(ttl.keys, vec![b"{up}attached".to_vec()]);
+    client
+        .lease_revoke(lease)
+        .await
+        .expect("revoke the old lease");
+    assert!(
+        client.get("{up}attached").await.unwrap().kv.is_none(),
+        "the key ended with its lease"
+    );
 }

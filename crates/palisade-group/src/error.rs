@@ -98,6 +98,11 @@ fn describe(r: &Rejection) -> String {
         }
         Rejection::Map(e) => format!("cluster map change refused: {e}"),
         Rejection::BadSlots(why) => why.clone(),
+        Rejection::Pinned { lease, slots } => format!(
+            "lease {lease}, granted before the cluster map, holds keys or locks in slots {}: \
+             they move once the lease ends (revoke it or let it expire)",
+            slots.ranges_text()
+        ),
     }
 }
 

@@ -337,7 +337,23 @@ impl RaftGroup {
             }
             let index = revision.saturating_sub(self.state.rev_offset());
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() || !self.wait_applied(index, left).await {
+            if left.is_zero() {
+                return false;
+            }
+            // Every apply re-checks the revision itself too: an entry that
+            // raises the offset (an import commit) reaches `revision` well
+            // before `index`.
+            let state = self.state.clone();
+            let reached = move |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
+                state.revision() >= revision || m.last_applied.is_some_and(|l| l.index >= index)
+            };
+            let waited = self
+                .raft
+                .wait(Some(left))
+                .metrics(reached, "read waits for a revision")
+                .await
+                .is_ok();
+            if !waited {
                 return self.state.revision() >= revision;
             }
         }

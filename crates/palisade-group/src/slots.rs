@@ -95,6 +95,11 @@ pub(crate) enum SlotOutcome {
     /// revision is taken).
     Lifted(u64),
     Refused(String),
+    /// Refused: these slots hold records of a lease from before the map.
+    Pinned {
+        lease: u64,
+        slots: SlotSet,
+    },
 }
 
 impl SlotOutcome {
@@ -103,6 +108,9 @@ impl SlotOutcome {
             SlotOutcome::Applied => "applied".into(),
             SlotOutcome::Lifted(offset) => format!("committed, revision offset {offset}"),
             SlotOutcome::Refused(why) => format!("refused: {why}"),
+            SlotOutcome::Pinned { lease, slots } => {
+                format!("refused: lease {lease} pins {}", slots.ranges_text())
+            }
         }
     }
 }
@@ -437,6 +445,14 @@ pub(crate) fn apply(
         Decision::Refused(why) => return Ok(SlotOutcome::Refused(why)),
         Decision::Change(effect) => effect,
     };
+    // Keys and locks of a lease granted before the cluster map cannot
+    // move (the lease, homed in this group, would not follow them); their
+    // slots move once it ends.
+    if let SlotCommand::Freeze { slots, .. } = cmd
+        && let Some((lease, slots)) = batch.legacy_leases_in(slots)?
+    {
+        return Ok(SlotOutcome::Pinned { lease, slots });
+    }
     if let Some(slots) = &effect.delete {
         let deleted = batch.delete_slots(slots)?;
         tracing::debug!(group, deleted, "slot records deleted");

@@ -610,8 +610,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         outcome = outcome.describe(),
                         "slot command applied"
                     );
-                    if !matches!(outcome, SlotOutcome::Refused(_))
-                        && let Some(own) = ctx.batch.ownership()
+                    if !matches!(
+                        outcome,
+                        SlotOutcome::Refused(_) | SlotOutcome::Pinned { .. }
+                    ) && let Some(own) = ctx.batch.ownership()
                     {
                         let group = self.group;
                         crate::observe::report(|| crate::observe::ApplyEvent {
@@ -627,6 +629,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         SlotOutcome::Applied => applied(revision, Vec::new()),
                         SlotOutcome::Lifted(offset) => applied(index + offset, Vec::new()),
                         SlotOutcome::Refused(why) => rejected(revision, Rejection::BadSlots(why)),
+                        SlotOutcome::Pinned { lease, slots } => {
+                            rejected(revision, Rejection::Pinned { lease, slots })
+                        }
                     }
                 }
                 EntryPayload::Normal(cmd) => {
@@ -1088,5 +1093,81 @@ mod tests {
         assert_eq!(target.installed.load(Ordering::Relaxed), 1);
         let current = target.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, snap.meta);
+    }
+
+    /// A key or lock of a lease granted before the cluster map pins its
+    /// slot to the group: freezing it is refused (typed) until the lease
+    /// ends, while other slots freeze.
+    #[tokio::test]
+    async fn a_lease_from_before_the_map_pins_the_slots_of_its_keys() {
+        use crate::types::SlotCommand;
+        use palisade_shard::{SlotSet, slot_of};
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let op = |op| Command {
+            request_id: None,
+            op,
+        };
+        let r = sm
+            .apply(vec![entry(1, op(CommandOp::LeaseGrant { ttl_ms: 60_000 }))])
+            .await
+            .unwrap();
+        let OpResult::LeaseGranted { id: lease, .. } = r[0].results[0] else {
+            panic!("no lease");
+        };
+        let mut held = put("{a}key", "v");
+        if let CommandOp::Txn(t) = &mut held.op {
+            t.success = vec![TxnOp::Put {
+                key: b"{a}key".to_vec(),
+                value: b"v".to_vec(),
+                lease,
+            }];
+        }
+        let (pinned, free) = (slot_of(b"{a}key"), slot_of(b"{b}key"));
+        assert_ne!(pinned, free);
+        let slots = |cmd| op(CommandOp::Slots(cmd));
+        let freeze = |move_id, s| {
+            slots(SlotCommand::Freeze {
+                move_id,
+                slots: SlotSet::of([s]),
+            })
+        };
+        let r = sm
+            .apply(vec![
+                entry(2, held),
+                entry(
+                    3,
+                    slots(SlotCommand::Adopt {
+                        slots: SlotSet::of([pinned, free]),
+                    }),
+                ),
+                entry(4, freeze(1, pinned)),
+                entry(5, freeze(2, free)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            r[2].rejected,
+            Some(Rejection::Pinned {
+                lease,
+                slots: SlotSet::of([pinned])
+            })
+        );
+        assert_eq!(r[3].rejected, None, "another slot freezes");
+        let r = sm
+            .apply(vec![
+                entry(6, op(CommandOp::LeaseRevoke { id: lease })),
+                entry(
+                    7,
+                    slots(SlotCommand::Unfreeze {
+                        move_id: 2,
+                        slots: SlotSet::of([free]),
+                    }),
+                ),
+                entry(8, freeze(3, pinned)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(r[2].rejected, None, "free once the lease ended");
     }
 }

@@ -270,6 +270,12 @@ pub enum Rejection {
     Map(palisade_shard::MapError),
     /// A slot command that does not fit the group's state.
     BadSlots(String),
+    /// These slots hold keys or locks of lease `lease`, granted before the
+    /// cluster map (homed in this group): they cannot move until it ends.
+    Pinned {
+        lease: u64,
+        slots: palisade_shard::SlotSet,
+    },
 }
 
 /// If every compare holds, apply `success`, else `failure`. With a fence,

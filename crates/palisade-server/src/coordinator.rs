@@ -41,7 +41,7 @@ use palisade_proto::v1 as pb;
 use palisade_proto::v1::peer_client::PeerClient;
 use palisade_shard::{
     Action, ClusterMap, MapCommand, MapResult, MovePhase, NodeId, NodeState, Observation, Policy,
-    ReplicaChange, Role, SlotMove, plan,
+    ReplicaChange, Role, SlotMove, SlotSet, plan,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -103,7 +103,17 @@ struct Coordinator {
     jobs: BTreeMap<Job, JoinHandle<()>>,
     /// When each group's leadership was last transferred.
     transferred: BTreeMap<GroupId, Instant>,
+    /// Slots found pinned by leases from before the map, and when.
+    pinned: Pins,
 }
+
+/// Slots a move found pinned (see `Rejection::Pinned`), shared with the
+/// move tasks; each is tried again after [`PIN_RECHECK`].
+type Pins = Arc<std::sync::Mutex<BTreeMap<palisade_shard::Slot, Instant>>>;
+
+/// How long a pinned slot is left out of moves before it is tried again
+/// (its lease may have ended).
+const PIN_RECHECK: Duration = Duration::from_secs(60);
 
 impl Coordinator {
     fn stand_down(&mut self) {
@@ -187,6 +197,10 @@ impl Coordinator {
             }
         }
         obs.leaders = leaders.into_iter().map(|(g, (_, n))| (g, n)).collect();
+        let mut pins = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pins.retain(|_, since| since.elapsed() < PIN_RECHECK);
+        obs.pinned = SlotSet::of(pins.keys().copied());
+        drop(pins);
         Observed { obs, serves_all }
     }
 
@@ -229,7 +243,8 @@ impl Coordinator {
             }
         }
         if let Some(m) = &map.moving {
-            self.start(Job::Move(m.id), drive_move(node.clone(), m.id));
+            let pins = self.pinned.clone();
+            self.start(Job::Move(m.id), drive_move(node.clone(), m.id, pins));
         }
     }
 
@@ -398,9 +413,18 @@ enum SlotsError {
     /// The group applied it and refused it (it changed nothing).
     #[error("refused: {0}")]
     Refused(String),
+    /// Refused: these slots hold records of a lease from before the map.
+    #[error("refused: slots {} are pinned by a lease from before the cluster map", .0.ranges_text())]
+    Pinned(SlotSet),
     /// It may not have reached the group, or its outcome is unknown.
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<String> for SlotsError {
+    fn from(e: String) -> Self {
+        SlotsError::Failed(e)
+    }
 }
 
 impl From<SlotsError> for String {
@@ -428,6 +452,7 @@ async fn propose_slots(
         .map_err(|e| SlotsError::Failed(e.to_string()))?;
     match reply {
         ManageReply::Applied(res) => match res.rejected {
+            Some(palisade_group::Rejection::Pinned { slots, .. }) => Err(SlotsError::Pinned(slots)),
             Some(r) => Err(SlotsError::Refused(
                 palisade_group::GroupError::Rejected(r).to_string(),
             )),
@@ -834,7 +859,7 @@ pub(crate) async fn transfer_leader(
 /// rereads the map, so a coordinator that lost its leadership stops within
 /// a round; the group side fences whatever it sent meanwhile (see
 /// `palisade_group::slots::decide`).
-async fn drive_move(node: Arc<Node>, id: u64) -> Result<(), String> {
+async fn drive_move(node: Arc<Node>, id: u64, pins: Pins) -> Result<(), String> {
     let mut failures = 0u32;
     loop {
         let map = confirm_leadership(&node).await?;
@@ -843,6 +868,18 @@ async fn drive_move(node: Arc<Node>, id: u64) -> Result<(), String> {
         };
         match move_step(&node, &map, &m).await {
             Ok(()) => failures = 0,
+            Err(SlotsError::Pinned(slots)) => {
+                // Nothing was frozen: roll back now, and plan the next
+                // move without these slots.
+                tracing::warn!(id, slots = %slots.ranges_text(), "slots pinned by a lease from before the cluster map stay where they are");
+                let now = Instant::now();
+                pins.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(slots.iter().map(|s| (s, now)));
+                if let Err(e) = set_phase(&node, id, MovePhase::Aborting).await {
+                    tracing::info!(id, error = %e, "recording the roll-back failed");
+                }
+            }
             Err(e) => {
                 failures += 1;
                 tracing::info!(id, phase = m.phase.name(), failures, error = %e, "slot move step failed");
@@ -870,7 +907,7 @@ async fn confirm_leadership(node: &Arc<Node>) -> Result<Arc<ClusterMap>, String>
 }
 
 /// Carries out move `m`'s current phase and records the next one.
-async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(), String> {
+async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(), SlotsError> {
     let id = m.id;
     match m.phase {
         MovePhase::Freeze => {
@@ -890,7 +927,7 @@ async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(
                 },
             )
             .await?;
-            set_phase(node, id, MovePhase::Copy).await
+            Ok(set_phase(node, id, MovePhase::Copy).await?)
         }
         MovePhase::Copy => {
             let (attempt, chunks) = copy_slots(node, m).await?;
@@ -904,17 +941,20 @@ async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(
             )
             .await
             .map(|_| ())
+            .map_err(SlotsError::Failed)
         }
         MovePhase::Handoff => {
             propose_slots(node, m.from, handoff(m)).await?;
-            set_phase(node, id, MovePhase::Commit).await
+            Ok(set_phase(node, id, MovePhase::Commit).await?)
         }
         MovePhase::Commit => {
             // Repeating the hand-off is a no-op that tells the source's
             // revision now: above every revision the data carries.
             let source_revision = propose_slots(node, m.from, handoff(m)).await?;
             let Some((attempt, chunks)) = m.copied else {
-                return Err(format!("move {id} reached its commit without a copy"));
+                return Err(SlotsError::Failed(format!(
+                    "move {id} reached its commit without a copy"
+                )));
             };
             let commit = SlotCommand::ImportCommit {
                 move_id: id,
@@ -944,11 +984,10 @@ async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(
                     .await?;
                     return Ok(());
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e),
             }
-            propose_map(node, MapCommand::SwitchRoute { id })
-                .await
-                .map(|_| ())
+            propose_map(node, MapCommand::SwitchRoute { id }).await?;
+            Ok(())
         }
         MovePhase::Release => {
             propose_slots(
@@ -970,7 +1009,7 @@ async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(
             );
             Ok(())
         }
-        MovePhase::Aborting => roll_back_move(node, m).await,
+        MovePhase::Aborting => Ok(roll_back_move(node, m).await?),
     }
 }
 

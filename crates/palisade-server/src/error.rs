@@ -350,7 +350,9 @@ fn rejection_status(r: Rejection, msg: String) -> Status {
             msg,
             error_detail::Kind::NodeRemoved(palisade_proto::v1::NodeRemoved { node_id: id }),
         ),
-        Rejection::Map(_) | Rejection::BadSlots(_) => Status::failed_precondition(msg),
+        Rejection::Map(_) | Rejection::BadSlots(_) | Rejection::Pinned { .. } => {
+            Status::failed_precondition(msg)
+        }
     }
 }
 

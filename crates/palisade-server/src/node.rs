@@ -79,7 +79,7 @@ pub struct Node {
     pub(crate) lease_clock: crate::lease::LeaseClock,
     /// Per group: the newest leader read index this node fetched, with the
     /// instant the fetch began (shared by BOUNDED_STALENESS reads).
-    read_indexes: std::sync::Mutex<BTreeMap<GroupId, (std::time::Instant, u64)>>,
+    read_indexes: std::sync::Mutex<BTreeMap<GroupId, (tokio::time::Instant, u64)>>,
     /// The data group count of a data directory from before the cluster
     /// map (`None` for clusters that started with the map).
     legacy_groups: Option<u64>,
@@ -438,7 +438,7 @@ impl Node {
 
     /// The newest leader read index fetched for `group`, with when the
     /// fetch began.
-    pub(crate) fn cached_read_index(&self, group: GroupId) -> Option<(std::time::Instant, u64)> {
+    pub(crate) fn cached_read_index(&self, group: GroupId) -> Option<(tokio::time::Instant, u64)> {
         self.read_indexes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -448,7 +448,7 @@ impl Node {
 
     /// Remembers a read index fetched from `t0` on, unless a newer fetch
     /// already did.
-    pub(crate) fn cache_read_index(&self, group: GroupId, t0: std::time::Instant, index: u64) {
+    pub(crate) fn cache_read_index(&self, group: GroupId, t0: tokio::time::Instant, index: u64) {
         let mut cache = self.read_indexes.lock().unwrap_or_else(|p| p.into_inner());
         let newer = cache.get(&group).is_none_or(|(t, _)| *t < t0);
         if newer {

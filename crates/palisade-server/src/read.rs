@@ -22,7 +22,8 @@
 //! "Forward" means the read is sent one hop to the leader, which applies the
 //! same rules; a replica never answers with older data than promised.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use palisade_group::{GroupError, RaftGroup};
 use palisade_proto::v1 as pb;

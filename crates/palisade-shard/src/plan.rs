@@ -40,6 +40,9 @@ pub struct Observation {
     pub down: BTreeSet<NodeId>,
     /// The node leading each group, where known.
     pub leaders: BTreeMap<GroupId, NodeId>,
+    /// Slots that cannot move now (they hold records of a lease granted
+    /// before the cluster map); other slots move in their place.
+    pub pinned: SlotSet,
 }
 
 /// Knobs of the planner.
@@ -553,9 +556,10 @@ fn group_count(map: &ClusterMap, obs: &Observation, policy: &Policy) -> Option<A
         })
         .collect();
     let surplus = |g: &GroupId| have[g].len() as i64 - want[g] as i64;
+    let movable = |g: &GroupId| have[g].iter().filter(|s| !obs.pinned.contains(*s));
     let source = groups
         .iter()
-        .filter(|g| surplus(g) > 0)
+        .filter(|g| surplus(g) > 0 && movable(g).next().is_some())
         .max_by_key(|g| (want[*g] == 0, surplus(g), std::cmp::Reverse(**g)));
     let sink = groups
         .iter()
@@ -565,7 +569,7 @@ fn group_count(map: &ClusterMap, obs: &Observation, policy: &Policy) -> Option<A
         let n = (surplus(from) as usize)
             .min((-surplus(to)) as usize)
             .min(policy.max_move_slots);
-        let slots = SlotSet::of(have[from].iter().take(n));
+        let slots = SlotSet::of(movable(from).take(n));
         return Some(Action::BeginMove {
             slots,
             from: *from,
@@ -878,6 +882,36 @@ mod tests {
             vec![1, 2, 9],
             "ids never reused"
         );
+    }
+
+    #[test]
+    fn pinned_slots_stay_and_other_slots_move_in_their_place() {
+        let mut map = ClusterMap::bootstrap(1, &nodes(3), 2, 3).unwrap();
+        let mut obs = alive(&map);
+        obs.leaders = all_led_by(&map, 1);
+        let pinned = map.slots_of(1).iter().take(3).collect::<Vec<_>>();
+        obs.pinned = SlotSet::of(pinned.iter().copied());
+        map.apply(&MapCommand::SetTargetGroups { groups: 4 })
+            .unwrap();
+        settle(&mut map, &mut obs);
+        for g in map.data_groups() {
+            assert_eq!(map.slots_of(g).len(), 1024, "group {g} balanced");
+        }
+        for s in &pinned {
+            assert_eq!(map.group_of_slot(*s), Some(1), "slot {s} stayed");
+        }
+        // Shrinking: a retiring group holding a pinned slot gives up all
+        // the others and stays until the slot can move.
+        let retiring = map.data_groups().last().unwrap();
+        let stuck = map.slots_of(retiring).iter().next().unwrap();
+        obs.pinned = SlotSet::of([stuck]);
+        map.apply(&MapCommand::SetTargetGroups { groups: 2 })
+            .unwrap();
+        settle(&mut map, &mut obs);
+        assert_eq!(map.slots_of(retiring), SlotSet::of([stuck]));
+        obs.pinned = SlotSet::empty();
+        settle(&mut map, &mut obs);
+        assert_eq!(map.data_groups().count(), 2, "gone once the slot moves");
     }
 
     #[test]

@@ -1029,6 +1029,42 @@ impl StateBatch<'_> {
         Ok(())
     }
 
+    /// The slots of `slots` holding a key or lock of a lease from before
+    /// the cluster map (homed in a group, not a slot), as this batch would
+    /// leave things, with one such lease. Such records cannot move: their
+    /// lease, and its expiry, would not follow them.
+    pub fn legacy_leases_in(&self, slots: &SlotSet) -> Result<Option<(u64, SlotSet)>, StoreError> {
+        let legacy = |id: &u64| !matches!(lease_home(*id), Some(LeaseHome::Slot(_)));
+        let mut ids: std::collections::BTreeSet<u64> = self
+            .state
+            .leases()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(legacy)
+            .collect();
+        ids.extend(
+            self.overlay
+                .keys()
+                .filter(|k| k.first() == Some(&crate::keys::LEASE))
+                .filter_map(|k| decode_lease_key(k))
+                .filter(legacy),
+        );
+        let mut pinned = SlotSet::empty();
+        let mut one = None;
+        for id in ids {
+            let Some(lease) = self.lease_get(id)? else {
+                continue;
+            };
+            for s in lease.keys.iter().chain(&lease.locks).map(|k| slot_of(k)) {
+                if slots.contains(s) {
+                    pinned.insert(s);
+                    one.get_or_insert(id);
+                }
+            }
+        }
+        Ok(one.map(|id| (id, pinned)))
+    }
+
     /// A lease as this batch would leave it.
     pub fn lease_get(&self, id: u64) -> Result<Option<LeaseRecord>, StoreError> {
         self.raw_get(&lease_key(id))?

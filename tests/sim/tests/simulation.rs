@@ -61,6 +61,20 @@ fn seed_sweep_with_membership_changes() {
     }
 }
 
+/// Seeds whose runs once broke (each history changes with the code, so
+/// these are sentinels more than exact replays; the fixes have unit tests
+/// of their own): 5071 lost acknowledged writes when a deposed coordinator
+/// restarted a slot copy under a newer one's commit; 5089 left reads
+/// forwarded back to the node itself after its replica left; 5094 removed
+/// a node moments after it registered; 5161 asked to remove a node that
+/// never registered.
+#[test]
+fn membership_seeds_that_once_failed() {
+    for seed in [5071, 5089, 5094, 5161] {
+        assert_clean(&SimOptions::with_membership(seed, 3));
+    }
+}
+
 #[test]
 fn replay_one_seed() {
     let Some(seed) = std::env::var("PALISADE_SIM_SEED")
