@@ -143,6 +143,12 @@ impl Node {
         R: Fn(Channel, Request<Req>) -> RF,
         RF: Future<Output = Result<Response<Resp>, Status>>,
     {
+        tracing::trace!(
+            node = self.id(),
+            group,
+            forwarded = route.forwarded,
+            "dispatching"
+        );
         self.check_serving().map_err(|e| self.to_status(e))?;
         let mut group = group;
         // The refusal that re-routed the request, returned if the re-route
@@ -165,12 +171,14 @@ impl Node {
                     (Err(_), Some(e)) => return Err(self.to_status(e)),
                     (Err(e), None) => return Err(self.to_status(e)),
                 };
+                tracing::debug!(node = self.id(), group, to = peer.node, addr = %peer.addr, "forwarding to a node of the group");
                 return self.forward(group, &peer, kind, req, &remote).await;
             };
             let err = match local(replica.clone()).await {
                 Ok(resp) => return Ok(Response::new(resp)),
                 Err(e) => e,
             };
+            tracing::debug!(node = self.id(), group, error = %err, forwarded = route.forwarded, "refused here");
             if let Some(owner) = err.moved_to()
                 && refused.is_none()
                 && owner != group
@@ -191,6 +199,7 @@ impl Node {
                     node,
                     addr: addr.clone(),
                 };
+                tracing::debug!(node = self.id(), group, to = node, %addr, "forwarding to the leader");
                 return self.forward(group, &peer, kind, req, &remote).await;
             }
             return Err(self.to_status(err));
@@ -225,7 +234,15 @@ impl Node {
         }
         let timeout = self.peer_timeout();
         request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, remote(channel, request)).await {
+        let mut watch = ForwardWatch {
+            node: self,
+            addr: &peer.addr,
+            started: tokio::time::Instant::now(),
+            done: false,
+        };
+        let outcome = tokio::time::timeout(timeout, remote(channel, request)).await;
+        watch.done = true;
+        match outcome {
             Ok(Ok(resp)) => {
                 if peer.node != 0 {
                     self.leaders.remember(group, peer.clone());
@@ -257,6 +274,12 @@ impl Node {
                 Err(status)
             }
             failed => {
+                tracing::debug!(
+                    node = self.id(),
+                    group,
+                    to = peer.node,
+                    "forward failed in transit"
+                );
                 self.channels.drop_channel(&peer.addr);
                 self.leaders.forget(group);
                 let why = match failed {
@@ -357,6 +380,37 @@ impl Node {
             other => other,
         };
         err.into()
+    }
+}
+
+/// How long a forward may be in flight before its caller giving up on it
+/// counts as a sign that the connection is stuck.
+const STUCK_FORWARD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Watches one forward: if the caller gives up on it (the request future
+/// is dropped, e.g. on the client's own deadline) after it was in flight
+/// for [`STUCK_FORWARD`], the channel to that peer is dropped, so the next
+/// forward dials afresh. Without this, a connection that stopped
+/// delivering (frames lost across a partition) would be kept for as long
+/// as every caller's deadline is shorter than the forward's own timeout,
+/// whose expiry is what otherwise drops it.
+struct ForwardWatch<'a> {
+    node: &'a Node,
+    addr: &'a str,
+    started: tokio::time::Instant,
+    done: bool,
+}
+
+impl Drop for ForwardWatch<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.started.elapsed() >= STUCK_FORWARD {
+            tracing::debug!(
+                node = self.node.id(),
+                addr = self.addr,
+                "abandoned forward: redialing next time"
+            );
+            self.node.channels.drop_channel(self.addr);
+        }
     }
 }
 
