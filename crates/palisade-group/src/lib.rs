@@ -632,14 +632,8 @@ impl RaftGroup {
         Ok(number)
     }
 
-    /// Ends a hand-over (done or given up): proposals and heartbeats resume.
-    pub fn end_handover(&self) {
-        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.raft.runtime_config().heartbeat(true);
-    }
-
-    /// Ends hand-over `number` if it is still the one under way (its
-    /// deadline passed; a later hand-over is left alone).
+    /// Ends hand-over `number` (done, given up, or past its deadline):
+    /// proposals and heartbeats resume. A later hand-over is left alone.
     pub fn end_handover_of(&self, number: u64) {
         let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
         if h.is_some_and(|(_, n)| n == number) {

@@ -63,7 +63,9 @@ impl Connector for TcpConnector {
 /// shares the node's channel). Cheap to clone.
 #[derive(Clone)]
 pub struct PeerChannels {
-    inner: Arc<Mutex<BTreeMap<String, Channel>>>,
+    /// Each channel with the dial it came from (see [`Self::get_tagged`]).
+    inner: Arc<Mutex<BTreeMap<String, (Channel, u64)>>>,
+    dials: Arc<std::sync::atomic::AtomicU64>,
     connector: Arc<dyn Connector>,
 }
 
@@ -78,19 +80,38 @@ impl PeerChannels {
     pub fn new(connector: Arc<dyn Connector>) -> Self {
         Self {
             inner: Arc::default(),
+            dials: Arc::default(),
             connector,
         }
     }
 
     /// The channel to `addr`, created if missing.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        self.get_tagged(addr).map(|(ch, _)| ch)
+    }
+
+    /// Like [`Self::get`], with the number of the dial the channel came
+    /// from, for [`Self::drop_dial`].
+    pub fn get_tagged(&self, addr: &str) -> Result<(Channel, u64), tonic::transport::Error> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ch) = map.get(addr) {
-            return Ok(ch.clone());
+        if let Some((ch, dial)) = map.get(addr) {
+            return Ok((ch.clone(), *dial));
         }
         let channel = self.connector.channel(addr)?;
-        map.insert(addr.to_string(), channel.clone());
-        Ok(channel)
+        let dial = self
+            .dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        map.insert(addr.to_string(), (channel.clone(), dial));
+        Ok((channel, dial))
+    }
+
+    /// Forgets the channel to `addr` if it is still the one from `dial`
+    /// (a channel dialed since is left alone).
+    pub fn drop_dial(&self, addr: &str, dial: u64) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(addr).is_some_and(|(_, d)| *d == dial) {
+            map.remove(addr);
+        }
     }
 
     /// The connector channels are made with.

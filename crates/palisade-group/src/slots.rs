@@ -187,7 +187,8 @@ pub(crate) fn decide(
             SlotCommand::Adopt { slots } => {
                 Decision::Change(Box::new(Effect::record(Ownership::of(slots.clone()))))
             }
-            // Deleting nothing of a group that owns everything: unchanged.
+            // Undoing a move that never reached this group: nothing to undo.
+            SlotCommand::Unfreeze { .. } | SlotCommand::ImportAbort { .. } => Decision::Unchanged,
             _ => refused("the group has not adopted its slots yet".into()),
         };
     };
@@ -647,6 +648,13 @@ mod tests {
     #[test]
     fn a_group_from_before_the_map_imports_nothing_until_it_adopts() {
         assert!(refused(&decide(None, &begin(1, 1), 10, 0)));
+        // A move rolled back before it got anywhere undoes nothing here
+        // (and does not get stuck refusing to).
+        let unfreeze = SlotCommand::Unfreeze {
+            move_id: 1,
+            slots: s(&[1]),
+        };
+        assert_eq!(decide(None, &unfreeze, 10, 0), Decision::Unchanged);
         let adopt = SlotCommand::Adopt { slots: s(&[1, 2]) };
         match decide(None, &adopt, 10, 0) {
             Decision::Change(e) => assert_eq!(e.ownership.owned, s(&[1, 2])),

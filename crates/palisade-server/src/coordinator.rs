@@ -681,8 +681,10 @@ fn next_change_step(
     let leaving = |r: u64| Some(r) == change.remove || Some(r) == change.demote;
     // A leader that leaves hands over first, if another voter can take
     // over; a lone voter instead steps down when the configuration without
-    // it commits.
-    if leaving(report.replica) && report.voters.iter().any(|v| !leaving(*v)) {
+    // it commits. A joint configuration is finished first either way (a
+    // voter of its new half cannot win while the old half's leader leads).
+    let settled = !report.joint && report.committed;
+    if settled && leaving(report.replica) && report.voters.iter().any(|v| !leaving(*v)) {
         return ChangeStep::MoveLeader;
     }
     let members: BTreeSet<u64> = report.voters.union(&report.learners).copied().collect();
@@ -780,7 +782,11 @@ pub(crate) async fn transfer_leader(
         .filter(|(id, r)| r.role == Role::Voter && **id != target && **id != report.replica)
         .filter_map(|(_, r)| peer_of(r.node))
         .collect();
-    let pause_ms = (lease * 4).as_millis() as u64;
+    // Longer than the whole transfer below (lease + 150 ms, then up to
+    // three leases of campaigning, plus calls), so neither the pause nor
+    // the hand-over lapses while it runs; both end by themselves if this
+    // coordinator never comes back.
+    let pause_ms = (lease * 6 + Duration::from_secs(1)).as_millis() as u64;
     let t = node.peer_timeout();
     for p in &others {
         let _ = node
@@ -795,18 +801,23 @@ pub(crate) async fn transfer_leader(
             )
             .await;
     }
+    let mut handover = None;
     let result = async {
-        node.manage(
-            &leader_peer,
-            group,
-            ManageRequest::BeginHandover {
-                to: target,
-                for_ms: pause_ms,
-            },
-            t,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let started = node
+            .manage(
+                &leader_peer,
+                group,
+                ManageRequest::BeginHandover {
+                    to: target,
+                    for_ms: pause_ms,
+                },
+                t,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let ManageReply::HandoverStarted(number) = started {
+            handover = Some(number);
+        }
         // Followers refuse votes while their lease from the old leader
         // holds (openraft: `election_timeout_max` since its last message).
         tokio::time::sleep(lease + Duration::from_millis(150)).await;
@@ -829,9 +840,16 @@ pub(crate) async fn transfer_leader(
         }
     }
     .await;
-    let _ = node
-        .manage(&leader_peer, group, ManageRequest::EndHandover, t)
-        .await;
+    if let Some(number) = handover {
+        let _ = node
+            .manage(
+                &leader_peer,
+                group,
+                ManageRequest::EndHandover { number },
+                t,
+            )
+            .await;
+    }
     for p in &others {
         let _ = node
             .manage(
@@ -944,13 +962,21 @@ async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(
             .map_err(SlotsError::Failed)
         }
         MovePhase::Handoff => {
-            propose_slots(node, m.from, handoff(m)).await?;
-            Ok(set_phase(node, id, MovePhase::Commit).await?)
+            // (A repeat of the hand-off changes nothing and tells the
+            // source's revision now: still above every revision the data
+            // carries.)
+            let revision = propose_slots(node, m.from, handoff(m)).await?;
+            propose_map(node, MapCommand::HandedOff { id, revision }).await?;
+            Ok(())
         }
         MovePhase::Commit => {
-            // Repeating the hand-off is a no-op that tells the source's
-            // revision now: above every revision the data carries.
-            let source_revision = propose_slots(node, m.from, handoff(m)).await?;
+            // From the recorded hand-off: the target commits even if the
+            // source is down by now.
+            let Some(source_revision) = m.handoff_revision else {
+                return Err(SlotsError::Failed(format!(
+                    "move {id} reached its commit without a hand-off revision"
+                )));
+            };
             let Some((attempt, chunks)) = m.copied else {
                 return Err(SlotsError::Failed(format!(
                     "move {id} reached its commit without a copy"
@@ -1241,6 +1267,18 @@ mod tests {
         );
         assert_eq!(
             step(&report(lone, &[lone], &[new], &[(new, 1000)])),
+            ChangeStep::SetVoters {
+                voters: [new].into(),
+                keep_removed: false
+            }
+        );
+        // Cut off between the joint and the final configuration: the old
+        // voter still leads {lone, new}; finishing the change (not handing
+        // the leadership to a replica the map does not list yet) is next.
+        let mut joint = report(lone, &[lone, new], &[], &[(new, 1000)]);
+        joint.joint = true;
+        assert_eq!(
+            step(&joint),
             ChangeStep::SetVoters {
                 voters: [new].into(),
                 keep_removed: false

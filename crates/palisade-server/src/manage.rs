@@ -53,12 +53,16 @@ pub enum ManageRequest {
         max_bytes: u64,
     },
     /// Hand leadership to `to`; ends by itself after `for_ms` (at most
-    /// 30 s) if nobody ends it sooner.
+    /// 30 s) if nobody ends it sooner. Answered with the hand-over's
+    /// number ([`ManageReply::HandoverStarted`]).
     BeginHandover {
         to: ReplicaId,
         for_ms: u64,
     },
-    EndHandover,
+    /// End hand-over `number` (a later one is left alone).
+    EndHandover {
+        number: u64,
+    },
     /// Turn this replica's own elections off (for `for_ms` at most) or on.
     SetElections {
         enabled: bool,
@@ -79,7 +83,7 @@ impl ManageRequest {
             ManageRequest::Propose { .. } => "propose",
             ManageRequest::Export { .. } => "export",
             ManageRequest::BeginHandover { .. } => "begin hand-over",
-            ManageRequest::EndHandover => "end hand-over",
+            ManageRequest::EndHandover { .. } => "end hand-over",
             ManageRequest::SetElections { .. } => "set elections",
             ManageRequest::Campaign => "campaign",
         }
@@ -113,6 +117,7 @@ pub struct GroupReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ManageReply {
     Done,
+    HandoverStarted(u64),
     Status(Box<GroupReport>),
     Applied(CommandResult),
     Records {
@@ -267,10 +272,10 @@ impl Node {
                     tokio::time::sleep(for_).await;
                     group.end_handover_of(number);
                 });
-                Ok(ManageReply::Done)
+                Ok(ManageReply::HandoverStarted(number))
             }
-            ManageRequest::EndHandover => {
-                group.end_handover();
+            ManageRequest::EndHandover { number } => {
+                group.end_handover_of(number);
                 Ok(ManageReply::Done)
             }
             ManageRequest::SetElections { enabled, for_ms } => {

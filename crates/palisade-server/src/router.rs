@@ -219,7 +219,7 @@ impl Node {
         R: Fn(Channel, Request<Req>) -> RF,
         RF: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let channel = self.channels.get(&peer.addr).map_err(|e| {
+        let (channel, dial) = self.channels.get_tagged(&peer.addr).map_err(|e| {
             Status::internal(format!(
                 "bad address {} of node {}: {e}",
                 peer.addr, peer.node
@@ -237,6 +237,7 @@ impl Node {
         let mut watch = ForwardWatch {
             node: self,
             addr: &peer.addr,
+            dial,
             started: tokio::time::Instant::now(),
             done: false,
         };
@@ -280,7 +281,7 @@ impl Node {
                     to = peer.node,
                     "forward failed in transit"
                 );
-                self.channels.drop_channel(&peer.addr);
+                self.channels.drop_dial(&peer.addr, dial);
                 self.leaders.forget(group);
                 let why = match failed {
                     Ok(Err(status)) => status.message().to_string(),
@@ -397,6 +398,8 @@ const STUCK_FORWARD: std::time::Duration = std::time::Duration::from_secs(1);
 struct ForwardWatch<'a> {
     node: &'a Node,
     addr: &'a str,
+    /// The dial of the channel used: a channel dialed since is kept.
+    dial: u64,
     started: tokio::time::Instant,
     done: bool,
 }
@@ -409,7 +412,7 @@ impl Drop for ForwardWatch<'_> {
                 addr = self.addr,
                 "abandoned forward: redialing next time"
             );
-            self.node.channels.drop_channel(self.addr);
+            self.node.channels.drop_dial(self.addr, self.dial);
         }
     }
 }

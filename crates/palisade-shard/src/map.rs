@@ -292,6 +292,9 @@ pub struct SlotMove {
     /// The copy the target must hold to commit: its attempt and chunk
     /// count, recorded when it ended.
     pub copied: Option<(u64, u64)>,
+    /// The source's revision at its hand-off: above every revision the
+    /// moved data carries (the target's revisions start past it).
+    pub handoff_revision: Option<u64>,
 }
 
 /// What registering a node did.
@@ -394,9 +397,9 @@ pub enum MapCommand {
         to: GroupId,
     },
     /// Moves the recorded slot move `id` to `phase`: `Copy` from `Freeze`,
-    /// `Commit` from `Handoff`, `Aborting` from `Freeze` or `Copy`
-    /// (`Handoff` is reached through [`MapCommand::CopyDone`], `Release`
-    /// through [`MapCommand::SwitchRoute`]).
+    /// `Aborting` from `Freeze` or `Copy` (`Handoff` is reached through
+    /// [`MapCommand::CopyDone`], `Commit` through [`MapCommand::HandedOff`],
+    /// `Release` through [`MapCommand::SwitchRoute`]).
     SetMovePhase {
         id: u64,
         phase: MovePhase,
@@ -414,6 +417,11 @@ pub enum MapCommand {
         id: u64,
         attempt: u64,
         chunks: u64,
+    },
+    /// The source handed the slots off at `revision` (phase `Commit`).
+    HandedOff {
+        id: u64,
+        revision: u64,
     },
     /// The target serves the slots: route them there (phase `Release`).
     SwitchRoute {
@@ -728,8 +736,10 @@ impl ClusterMap {
                 let allowed = match phase {
                     MovePhase::Aborting => m.phase < MovePhase::Handoff,
                     MovePhase::Copy => m.phase == MovePhase::Freeze,
-                    MovePhase::Commit => m.phase == MovePhase::Handoff,
-                    MovePhase::Freeze | MovePhase::Handoff | MovePhase::Release => false,
+                    MovePhase::Freeze
+                    | MovePhase::Handoff
+                    | MovePhase::Commit
+                    | MovePhase::Release => false,
                 };
                 if !allowed {
                     return Err(MapError::BadMove(format!(
@@ -770,6 +780,18 @@ impl ClusterMap {
                 if m.phase == MovePhase::Copy {
                     m.phase = MovePhase::Handoff;
                 }
+                MapResult::Done
+            }
+            MapCommand::HandedOff { id, revision } => {
+                let m = self.move_mut(*id)?;
+                if m.phase != MovePhase::Handoff {
+                    return Err(MapError::BadMove(format!(
+                        "move {id} records its hand-off only in handoff (it is in {})",
+                        m.phase.name()
+                    )));
+                }
+                m.handoff_revision = Some(*revision);
+                m.phase = MovePhase::Commit;
                 MapResult::Done
             }
             MapCommand::SwitchRoute { id } => {
@@ -1121,6 +1143,7 @@ impl ClusterMap {
             phase: MovePhase::Freeze,
             attempt: 0,
             copied: None,
+            handoff_revision: None,
         });
         Ok(MapResult::Move(id))
     }
@@ -1499,7 +1522,13 @@ mod tests {
             Err(MapError::BadMove(_))
         ));
         assert!(map.apply(&MapCommand::SwitchRoute { id }).is_err());
-        phase(&mut map, MovePhase::Commit).unwrap();
+        assert!(
+            phase(&mut map, MovePhase::Commit).is_err(),
+            "through HandedOff"
+        );
+        map.apply(&MapCommand::HandedOff { id, revision: 77 })
+            .unwrap();
+        assert_eq!(map.moving.as_ref().unwrap().handoff_revision, Some(77));
         // A copy redone at commit is recorded without changing the phase.
         assert_eq!(
             map.apply(&MapCommand::BeginCopy { id }),

@@ -692,10 +692,7 @@ mod tests {
                         attempt: 1,
                         chunks: 0,
                     },
-                    MapCommand::SetMovePhase {
-                        id,
-                        phase: crate::map::MovePhase::Commit,
-                    },
+                    MapCommand::HandedOff { id, revision: 1 },
                 ] {
                     map.apply(&cmd).unwrap();
                 }
