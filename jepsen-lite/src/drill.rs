@@ -883,8 +883,25 @@ impl Drill {
 
     /// One change of the cluster's shape (see the module doc); returns what
     /// it did. The change is recorded by the cluster when this returns; it
-    /// completes in the background while the drill goes on.
+    /// completes in the background while the drill goes on. A change the
+    /// cluster refuses because its map moved on since it was read (the
+    /// rebalancer placed a replica on the chosen node meanwhile) is chosen
+    /// again from a fresh map; any other failure is the drill's.
     async fn membership(&self, rng: &mut StdRng) -> anyhow::Result<String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.membership_once(rng).await {
+                Err(e) if attempt < 5 && e.downcast_ref::<MapMoved>().is_some() => {
+                    eprintln!("membership change refused ({e}); choosing again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn membership_once(&self, rng: &mut StdRng) -> anyhow::Result<String> {
         let client = self
             .admin_client()
             .await
@@ -983,7 +1000,9 @@ impl Drill {
                     ));
                 }
                 let (g, from, to) = candidates[rng.gen_range(0..candidates.len())];
-                retry_admin(|| client.move_replica(g, from, to)).await?;
+                retry_admin(|| client.move_replica(g, from, to))
+                    .await
+                    .map_err(map_moved)?;
                 Ok(format!(
                     "move group {g}'s replica from node {from} to node {to}"
                 ))
@@ -998,7 +1017,9 @@ impl Drill {
                     bail!("group {} has no voter on a member", g.id);
                 }
                 let to = candidates[rng.gen_range(0..candidates.len())];
-                retry_admin(|| client.transfer_leader(g.id, to)).await?;
+                retry_admin(|| client.transfer_leader(g.id, to))
+                    .await
+                    .map_err(map_moved)?;
                 Ok(format!("transfer group {}'s leadership to node {to}", g.id))
             }
             _ => {
@@ -1008,16 +1029,42 @@ impl Drill {
                     .filter(|c| *c != current)
                     .collect();
                 let n = choices[rng.gen_range(0..choices.len())];
-                retry_admin(|| client.set_groups(n)).await?;
+                retry_admin(|| client.set_groups(n))
+                    .await
+                    .map_err(map_moved)?;
                 Ok(format!("set-groups {current} -> {n}"))
             }
         }
     }
 }
 
+/// A membership change refused because the map changed since it was read
+/// (a side-effect-free change, safe to choose again).
+#[derive(Debug)]
+struct MapMoved(String);
+
+impl std::fmt::Display for MapMoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MapMoved {}
+
+/// Marks a `FAILED_PRECONDITION` refusal as [`MapMoved`].
+fn map_moved(e: palisade_client::Error) -> anyhow::Error {
+    if e.code() == tonic::Code::FailedPrecondition {
+        anyhow::Error::new(MapMoved(e.to_string()))
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
 /// Runs an admin call, retrying for a while (a leader election, a node
-/// that is still joining); the error of the last attempt otherwise.
-async fn retry_admin<T, F, Fut>(mut call: F) -> anyhow::Result<T>
+/// that is still joining); the error of the last attempt otherwise. A
+/// refusal (`FAILED_PRECONDITION`: the request does not fit the map) is
+/// not retried: the same request would be refused again.
+async fn retry_admin<T, F, Fut>(mut call: F) -> Result<T, palisade_client::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, palisade_client::Error>>,
@@ -1026,11 +1073,12 @@ where
     loop {
         match call().await {
             Ok(v) => return Ok(v),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => return Err(e),
             Err(e) if Instant::now() < deadline => {
                 eprintln!("admin call failed, retrying: {e}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(anyhow::anyhow!(e)),
+            Err(e) => return Err(e),
         }
     }
 }
