@@ -126,6 +126,7 @@ impl Coordinator {
     }
 
     async fn tick(&mut self, node: &Arc<Node>, term: u64) {
+        tracing::trace!(node = node.id(), term, jobs = ?self.jobs.keys().collect::<Vec<_>>(), "coordinator tick");
         if self.term.map(|(t, _)| t) != Some(term) {
             self.stand_down();
             self.term = Some((term, Instant::now()));
@@ -927,6 +928,12 @@ async fn confirm_leadership(node: &Arc<Node>) -> Result<Arc<ClusterMap>, String>
 /// Carries out move `m`'s current phase and records the next one.
 async fn move_step(node: &Arc<Node>, map: &ClusterMap, m: &SlotMove) -> Result<(), SlotsError> {
     let id = m.id;
+    tracing::debug!(
+        node = node.id(),
+        id,
+        phase = m.phase.name(),
+        "slot move step"
+    );
     match m.phase {
         MovePhase::Freeze => {
             // A group from before the map serves every key until it has an
