@@ -359,7 +359,9 @@ async fn probe(
     timeout: Duration,
 ) -> Option<pb::NodeStatusResponse> {
     if id == node.id() {
-        return Some(node.local_status().await);
+        return tokio::time::timeout(timeout, node.local_status())
+            .await
+            .ok();
     }
     let channel = node.channels.get(addr).ok()?;
     let mut req = tonic::Request::new(pb::NodeStatusRequest {});

@@ -313,10 +313,18 @@ impl Node {
         req: ManageRequest,
         timeout: Duration,
     ) -> ManageResult {
-        if peer.node == self.id() || peer.addr == self.config.advertise_addr() {
-            return self.handle_manage(group, req).await;
-        }
         let what = req.name();
+        if peer.node == self.id() || peer.addr == self.config.advertise_addr() {
+            // The same deadline as a remote call: a raft core that stopped
+            // answering must not hang the caller (the coordinator) forever.
+            return tokio::time::timeout(timeout, self.handle_manage(group, req))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ManageError::Unknown(format!(
+                        "{what} here: no answer within {timeout:?}"
+                    )))
+                });
+        }
         let payload = bincode::serde::encode_to_vec(&req, bincode::config::standard())
             .map_err(|e| ManageError::Failed(format!("encoding {what}: {e}")))?;
         let channel = self
