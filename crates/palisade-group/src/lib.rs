@@ -37,7 +37,7 @@ use std::time::Duration;
 use error::SharedError;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
-use palisade_storage::{NodeStore, StateTree};
+use palisade_storage::{LogStore, NodeStore, StateTree};
 use read_batch::ReadBatcher;
 use write_batch::WriteBatcher;
 
@@ -127,6 +127,9 @@ pub struct ReplicaState {
     /// written before the cluster map).
     pub owned_slots: Option<usize>,
     pub slot_epoch: u64,
+    /// Why the replica is quarantined, while it is (see
+    /// [`RaftGroup::append_entries`]).
+    pub quarantine: Option<String>,
 }
 
 /// A leader lease: while it holds, no other node can lead the group.
@@ -161,6 +164,14 @@ pub struct RaftGroup {
     /// Puts concurrent client transactions into one entry (see
     /// `write_batch`).
     writes: WriteBatcher,
+    /// The log store, kept to end a quarantine durably.
+    log: LogStore<TypeConfig>,
+    /// Why this replica is quarantined, while it is (see
+    /// [`Self::append_entries`]).
+    quarantine: std::sync::Mutex<Option<String>>,
+    /// Whether elections are wanted (hand-overs switch them off for a
+    /// while); they run only when wanted and not quarantined.
+    elections_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl RaftGroup {
@@ -177,6 +188,17 @@ impl RaftGroup {
         map: Option<MapState>,
     ) -> Result<Self, GroupError> {
         let log = store.log_store::<TypeConfig>(id)?;
+        let quarantine = log.quarantine()?;
+        // A quarantined replica must not campaign from its first moment.
+        let config = match &quarantine {
+            Some(why) => {
+                tracing::warn!(group = id, %why, "replica quarantined: it neither votes nor campaigns until a leader has re-sent what its log lost");
+                let mut c = (*config).clone();
+                c.enable_elect = false;
+                Arc::new(c)
+            }
+            None => config,
+        };
         let state = store.state_tree(id)?;
         let sm = StateMachine::new(
             id,
@@ -186,15 +208,21 @@ impl RaftGroup {
             map,
         )?;
         let installed = sm.installed_counter();
-        let raft = Raft::new(replica, config, PeerNetwork::new(id, channels), log, sm)
-            .await
-            .map_err(|e| GroupError::Raft {
-                group: id,
-                what: "starting Raft",
-                source: Arc::new(e),
-            })?;
+        let raft = Raft::new(
+            replica,
+            config,
+            PeerNetwork::new(id, channels),
+            log.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| GroupError::Raft {
+            group: id,
+            what: "starting Raft",
+            source: Arc::new(e),
+        })?;
         let writes = WriteBatcher::start(id, raft.clone());
-        Ok(Self {
+        let group = Self {
             id,
             replica,
             node,
@@ -206,7 +234,101 @@ impl RaftGroup {
             lease: std::sync::Mutex::new(None),
             reads: ReadBatcher::default(),
             writes,
-        })
+            log,
+            quarantine: std::sync::Mutex::new(quarantine),
+            elections_wanted: std::sync::atomic::AtomicBool::new(true),
+        };
+        if group.quarantine().is_some() && group.voter_ids().iter().all(|v| *v == replica) {
+            // No other voter can give the lost entries back; waiting would
+            // only keep the group down for good.
+            tracing::error!(
+                group = id,
+                "this replica's log was damaged and it is the group's only voter: what was lost is lost; serving the rest"
+            );
+            group.end_quarantine().await;
+        }
+        Ok(group)
+    }
+
+    /// Why this replica is quarantined, while it is.
+    pub fn quarantine(&self) -> Option<String> {
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Handles a leader's AppendEntries, and ends this replica's quarantine
+    /// once the leader has given back everything it may have lost.
+    ///
+    /// # Why this is enough
+    ///
+    /// A quarantined replica may have lost entries it acknowledged, so a
+    /// majority counting on its copy no longer holds them: it takes no part
+    /// in elections (no votes, no campaigns). The quarantine ends on an
+    /// accepted AppendEntries whose `leader_commit` is an entry of the
+    /// leader's own term that the request covers (so this log now holds it
+    /// and everything before it). That leader holds every entry committed
+    /// before its term (it was elected by a majority that did not count this
+    /// replica's lost copy), and its commit index — sent after this replica
+    /// restarted — covers everything it committed since; an entry of its own
+    /// term being committed means all before it are too. So every entry this
+    /// replica ever acknowledged that was committed is in its log again.
+    pub async fn append_entries(
+        &self,
+        req: openraft::raft::AppendEntriesRequest<TypeConfig>,
+    ) -> Result<openraft::raft::AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>>
+    {
+        let restores = self.quarantine().is_some() && restores_lost_entries(&req);
+        let resp = self.raft.append_entries(req).await?;
+        if restores && matches!(resp, openraft::raft::AppendEntriesResponse::Success) {
+            self.end_quarantine().await;
+        }
+        Ok(resp)
+    }
+
+    /// Handles a candidate's vote request; a quarantined replica abstains
+    /// (see [`Self::append_entries`]).
+    pub async fn vote(
+        &self,
+        req: openraft::raft::VoteRequest<NodeId>,
+    ) -> Result<openraft::raft::VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> {
+        if self.quarantine().is_some() {
+            tracing::info!(
+                group = self.id,
+                candidate = %req.vote,
+                "a quarantined replica abstains from a vote"
+            );
+            // Not granted, and our own vote (never above the candidate's
+            // unless we saw a higher term): the candidate just counts no vote.
+            let vote = self.raft.metrics().borrow().vote;
+            return Ok(openraft::raft::VoteResponse {
+                vote,
+                vote_granted: false,
+                last_log_id: None,
+            });
+        }
+        self.raft.vote(req).await
+    }
+
+    async fn end_quarantine(&self) {
+        if let Err(e) = self.log.lift_quarantine().await {
+            // Stay quarantined: the next AppendEntries tries again.
+            tracing::warn!(group = self.id, error = %e, "recording the end of a quarantine failed");
+            return;
+        }
+        let was = self
+            .quarantine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if was.is_some() {
+            tracing::warn!(
+                group = self.id,
+                "quarantine over: the leader has re-sent every entry this replica could have lost; it votes again"
+            );
+            self.apply_elections();
+        }
     }
 
     pub fn id(&self) -> GroupId {
@@ -476,6 +598,7 @@ impl RaftGroup {
             revision: self.state.revision(),
             owned_slots: ownership.as_ref().map(|o| o.owned.len()),
             slot_epoch: ownership.as_ref().map_or(0, |o| o.epoch),
+            quarantine: self.quarantine(),
         }
     }
 
@@ -645,11 +768,24 @@ impl RaftGroup {
     /// Whether this replica may start elections on its own (turned off on
     /// the other voters while leadership is handed to one of them).
     pub fn set_elections(&self, enabled: bool) {
-        self.raft.runtime_config().elect(enabled);
+        self.elections_wanted.store(enabled, Ordering::Relaxed);
+        self.apply_elections();
+    }
+
+    /// Elections run when wanted and the replica is not quarantined.
+    fn apply_elections(&self) {
+        let on = self.elections_wanted.load(Ordering::Relaxed) && self.quarantine().is_none();
+        self.raft.runtime_config().elect(on);
     }
 
     /// Starts an election now (the target of a hand-over).
     pub async fn campaign(&self) -> Result<(), GroupError> {
+        if let Some(why) = self.quarantine() {
+            return Err(GroupError::Membership {
+                group: self.id,
+                reason: format!("this replica is quarantined and cannot campaign: {why}"),
+            });
+        }
         self.raft
             .trigger()
             .elect()
@@ -739,4 +875,20 @@ pub(crate) async fn propose(
         Ok(Ok(resp)) => Ok(resp.data),
         Ok(Err(e)) => Err(write_error(group, e)),
     }
+}
+
+/// Whether an AppendEntries, once accepted, proves the receiving replica
+/// holds every committed entry again (see [`RaftGroup::append_entries`]):
+/// its `leader_commit` is an entry of the leader's term, within what the
+/// request covers.
+fn restores_lost_entries(req: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> bool {
+    let term = req.vote.leader_id().term;
+    let covered = req
+        .entries
+        .last()
+        .map(|e| e.log_id)
+        .or(req.prev_log_id)
+        .map_or(0, |l| l.index);
+    req.leader_commit
+        .is_some_and(|c| c.leader_id.term == term && c.index <= covered)
 }

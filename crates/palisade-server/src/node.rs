@@ -680,5 +680,6 @@ fn replica_status(map: &ClusterMap, st: &ReplicaState) -> pb::ReplicaStatus {
         revision: st.revision,
         owned_slots: st.owned_slots.unwrap_or(0) as u32,
         serves_all: st.owned_slots.is_none(),
+        quarantine: st.quarantine.clone().unwrap_or_default(),
     }
 }

@@ -90,6 +90,37 @@ pub struct NodeStore {
     flusher: Flusher,
 }
 
+/// Records what a bad record in the log means for every group stored here,
+/// durably, before the log cuts it: corruption quarantines each replica
+/// (the damaged record's own header cannot be trusted to say whose it was);
+/// either kind drops the committed-index hints.
+fn record_damage(db: &sled::Db, damage: &wal::Damage) -> Result<(), StoreError> {
+    for group in stored_groups(db) {
+        if damage.is_corruption() {
+            log::mark_damaged(db, group, &damage.to_string())?;
+        } else {
+            log::forget_committed(db, group)?;
+        }
+    }
+    db.flush()?;
+    Ok(())
+}
+
+/// Groups `db` has storage for, ascending.
+fn stored_groups(db: &sled::Db) -> Vec<u64> {
+    let mut groups: Vec<u64> = db
+        .tree_names()
+        .iter()
+        .filter_map(|n| {
+            let name = std::str::from_utf8(n).ok()?;
+            name.strip_prefix('g')?.strip_suffix("/raft")?.parse().ok()
+        })
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
 impl NodeStore {
     /// Opens (or creates) the database under `path`, with group commit.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
@@ -105,7 +136,9 @@ impl NodeStore {
             // fsyncs that nobody waits for.
             .flush_every_ms(None)
             .open()?;
-        let wal = Wal::open(&path.join("wal"), wal::DEFAULT_SEGMENT_BYTES)?;
+        let wal = Wal::open_reporting(&path.join("wal"), wal::DEFAULT_SEGMENT_BYTES, |damage| {
+            record_damage(&db, damage)
+        })?;
         let flusher = Flusher::new(wal.clone(), db.clone(), mode)
             .map_err(|e| StoreError::Flush(format!("cannot start the flusher thread: {e}")))?;
         Ok(Self { db, wal, flusher })
@@ -184,18 +217,7 @@ impl NodeStore {
 
     /// Groups this node has storage for, ascending.
     pub fn stored_groups(&self) -> Vec<u64> {
-        let mut groups: Vec<u64> = self
-            .db
-            .tree_names()
-            .iter()
-            .filter_map(|n| {
-                let name = std::str::from_utf8(n).ok()?;
-                name.strip_prefix('g')?.strip_suffix("/raft")?.parse().ok()
-            })
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        groups
+        stored_groups(&self.db)
     }
 
     fn has_tree(&self, name: &str) -> bool {
@@ -245,6 +267,54 @@ impl NodeStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    openraft::declare_raft_types!(
+        Types:
+            D = u64,
+            R = u64,
+            SnapshotData = std::io::Cursor<Vec<u8>>,
+    );
+
+    #[test]
+    fn corruption_quarantines_every_stored_group_and_a_torn_write_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let corrupt_first_record = |dir: &Path| {
+            use std::os::unix::fs::FileExt;
+            let seg = std::fs::read_dir(dir.join("wal"))
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "wal"))
+                .unwrap();
+            let file = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+            file.write_all_at(&[0xee; 4], 8 + 8 + 2).unwrap();
+        };
+        {
+            let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+            for g in [0u64, 2] {
+                let log = store.log_store::<Types>(g).unwrap();
+                assert_eq!(log.quarantine().unwrap(), None);
+                store.wal.append(g, &[(1, vec![1]), (2, vec![2])]).unwrap();
+            }
+            store.flush().unwrap();
+        }
+        corrupt_first_record(dir.path());
+        let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+        for g in [0u64, 2] {
+            let why = store.log_store::<Types>(g).unwrap().quarantine().unwrap();
+            assert!(why.is_some_and(|w| w.contains("corruption")), "group {g}");
+        }
+        drop(store);
+        // It stays recorded across restarts (the log itself is clean now).
+        let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+        assert!(
+            store
+                .log_store::<Types>(2)
+                .unwrap()
+                .quarantine()
+                .unwrap()
+                .is_some()
+        );
+    }
 
     #[test]
     fn a_destroyed_group_leaves_nothing_behind_even_after_a_reopen() {

@@ -32,6 +32,28 @@ use crate::{Flusher, StoreError, Wal};
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
+/// Set when this replica's log was found damaged (see [`mark_damaged`]).
+const QUARANTINE: &str = "quarantine";
+
+/// Records durably-to-be (the caller flushes) that group `group`'s log on
+/// this node was damaged by `why`: the replica may have lost entries it
+/// acknowledged, so it must not vote until a leader has re-sent them (see
+/// [`LogStore::quarantine`]). The committed-index hint goes too: after a cut
+/// the log may end in entries a later truncate had removed, and re-applying
+/// "up to the hint, clamped to the log" could apply one of them.
+pub(crate) fn mark_damaged(db: &sled::Db, group: u64, why: &str) -> Result<(), StoreError> {
+    let raft = db.open_tree(format!("g{group}/raft"))?;
+    raft.remove(COMMITTED)?;
+    raft.insert(QUARANTINE, encode(&why.to_string())?)?;
+    Ok(())
+}
+
+/// Drops group `group`'s committed-index hint (after a torn write was cut;
+/// the state is then rebuilt only up to what was applied).
+pub(crate) fn forget_committed(db: &sled::Db, group: u64) -> Result<(), StoreError> {
+    db.open_tree(format!("g{group}/raft"))?.remove(COMMITTED)?;
+    Ok(())
+}
 
 /// The Raft log of one group.
 pub struct LogStore<C: RaftTypeConfig> {
@@ -121,6 +143,20 @@ impl<C: RaftTypeConfig> LogStore<C> {
     /// The group this log belongs to.
     pub fn group(&self) -> u64 {
         self.group
+    }
+
+    /// Why this replica is quarantined, if it is: its log was found damaged
+    /// and it may lack entries it acknowledged. Such a replica must neither
+    /// vote nor campaign (a majority counting on its lost copy could elect a
+    /// leader without them) until a leader has given them back.
+    pub fn quarantine(&self) -> Result<Option<String>, StoreError> {
+        self.read_raft(QUARANTINE)
+    }
+
+    /// Ends the quarantine, durably.
+    pub async fn lift_quarantine(&self) -> Result<(), StoreError> {
+        self.raft.remove(QUARANTINE)?;
+        self.sync_db().await
     }
 
     fn read_raft<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {

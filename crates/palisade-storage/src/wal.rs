@@ -32,10 +32,24 @@
 //!
 //! Appends become durable at the next [`Wal::sync`]. A segment is synced
 //! before the log moves to the next one, so only the last segment can end in
-//! a torn record; replay stops there and zeroes the rest, so no stale record
-//! beyond it can come back later. A bad record in an earlier segment is
-//! corruption, and opening fails rather than silently dropping entries a
-//! replica promised to keep.
+//! a torn record: the last write before a crash, never synced, so never
+//! acknowledged. Replay stops at the first bad record and zeroes the rest of
+//! the segment, so no stale record beyond it can come back later.
+//!
+//! A bad record is told apart from a torn tail by what follows it: a torn
+//! write is the end of what was written, so any record after it that still
+//! verifies proves the bad one was written whole and damaged later — it is
+//! **corruption**, and the entries cut with it may have been acknowledged.
+//! The log then reports a [`Damage`] before it zeroes anything, so the
+//! caller can record (durably) that this node's replicas may have lost
+//! entries they promised to keep: such a replica must not vote until a
+//! leader has given them back (see `palisade-group`). One limit remains: a
+//! damaged record that is the very last one written looks exactly like a
+//! torn write.
+//!
+//! A bad record in an earlier segment is corruption too; opening fails with
+//! an error that names the file and offset, rather than silently dropping
+//! entries a replica promised to keep.
 //!
 //! Segments are deleted from the front once no live entry is left in them
 //! ([`Wal::release`]). A segment held only by a few live entries (a group
@@ -90,6 +104,41 @@ struct Inner {
     index: BTreeMap<u64, BTreeMap<u64, Loc>>,
 }
 
+/// A bad record found when the log was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Offset of the bad record in it.
+    pub offset: u64,
+    /// Where the next record that still verifies starts, if one does: then
+    /// this is corruption, not a torn write.
+    pub verified_after: Option<u64>,
+}
+
+impl Damage {
+    /// Whether the bad record was damaged after it was written whole (so it
+    /// may have been acknowledged), rather than torn by a crash.
+    pub fn is_corruption(&self) -> bool {
+        self.verified_after.is_some()
+    }
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bad record at offset {} of {}",
+            self.offset,
+            self.path.display()
+        )?;
+        match self.verified_after {
+            Some(at) => write!(f, " (a valid record follows at offset {at}: corruption)"),
+            None => write!(f, " (nothing valid after it: a torn write)"),
+        }
+    }
+}
+
 /// Handle to the node's write-ahead log. Cloning shares it.
 #[derive(Clone)]
 pub struct Wal {
@@ -101,6 +150,18 @@ pub struct Wal {
 impl Wal {
     /// Opens (or creates) the log in `dir`, replaying every segment.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_reporting(dir, segment_bytes, |_| Ok(()))
+    }
+
+    /// Like [`Self::open`]; when the newest segment has a bad record,
+    /// `on_damage` is called with it *before* the entries after it are
+    /// zeroed, so the caller can durably record what may have been lost
+    /// (if it fails, nothing is cut and opening fails).
+    pub fn open_reporting(
+        dir: &Path,
+        segment_bytes: u64,
+        mut on_damage: impl FnMut(&Damage) -> Result<(), StoreError>,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let mut seqs = Vec::new();
         for item in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
@@ -134,16 +195,30 @@ impl Wal {
                 .open(&path)
                 .map_err(|e| io_error(&path, e))?;
             let end = replay_segment(&mut inner, seq, &path, &mut file)?;
-            if let Some(bad) = end.bad_record
-                && Some(seq) != last
-            {
-                return Err(StoreError::Corrupt {
-                    what: format!(
-                        "write-ahead log segment {} has a bad record at offset {bad} but is not \
-                         the last segment; wipe this node's data directory and let it re-join",
-                        path.display()
-                    ),
-                });
+            if let Some(bad) = end.bad_record {
+                let damage = Damage {
+                    path: path.clone(),
+                    offset: bad,
+                    verified_after: end.verified_after,
+                };
+                if Some(seq) != last {
+                    return Err(StoreError::Corrupt {
+                        what: format!(
+                            "write-ahead log: {damage}, and it is not the newest segment, so \
+                             entries this node acknowledged are missing. Do not delete this \
+                             data directory and restart under the same node id (the node could \
+                             then vote without entries it promised to keep): remove the node \
+                             from the cluster (`palisade node remove ID`) and start a \
+                             replacement with an empty data directory and `--join`"
+                        ),
+                    });
+                }
+                if damage.is_corruption() {
+                    tracing::error!(%damage, "write-ahead log corruption; entries from it on are cut, and this node's replicas abstain from votes until their leaders have re-sent them");
+                } else {
+                    tracing::warn!(%damage, "write-ahead log ends in a torn write (a crash during a write); it is cut");
+                }
+                on_damage(&damage)?;
             }
             if Some(seq) == last {
                 // Anything after the last good record was never acknowledged:
@@ -494,6 +569,40 @@ struct ReplayEnd {
     offset: u64,
     /// Set when the scan stopped at a bad record rather than at the end.
     bad_record: Option<u64>,
+    /// Offset of a record after the bad one that still verifies.
+    verified_after: Option<u64>,
+}
+
+/// Largest payload a record can have that a scan for valid records past a
+/// bad one will check (entries are far smaller).
+const MAX_SCANNED_PAYLOAD: usize = 64 * 1024 * 1024;
+
+/// Whether a record verifies at `at`. The cheap plausibility checks come
+/// before the checksum so that a scan over arbitrary bytes stays fast: a
+/// real record's group id fits in 32 bits and its index in 48.
+fn verifies_at(data: &[u8], at: usize) -> bool {
+    let Some(header) = data.get(at..at + RECORD_HEADER + PAYLOAD_HEADER) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let payload = &header[RECORD_HEADER..];
+    let plausible = (PAYLOAD_HEADER..=MAX_SCANNED_PAYLOAD).contains(&len)
+        && matches!(payload[0], KIND_ENTRY | KIND_TRUNCATE)
+        && payload[5..9] == [0, 0, 0, 0]
+        && payload[15..17] == [0, 0];
+    plausible
+        && data
+            .get(at + RECORD_HEADER..at + RECORD_HEADER + len)
+            .is_some_and(|p| crc32fast::hash(p) == crc)
+}
+
+/// The first offset after `from` where a record verifies, if any. Records
+/// are not aligned, so every offset is tried; zeroed space (a segment's
+/// unwritten end) is skipped cheaply by its zero length.
+fn next_verified_record(data: &[u8], from: usize) -> Option<usize> {
+    (from..data.len().saturating_sub(RECORD_HEADER))
+        .find(|&at| data[at..at + 4] != [0, 0, 0, 0] && verifies_at(data, at))
 }
 
 fn replay_segment(
@@ -515,6 +624,7 @@ fn replay_segment(
     let mut end = ReplayEnd {
         offset: HEADER as u64,
         bad_record: None,
+        verified_after: None,
     };
     let mut at = HEADER;
     while let Some(header) = data.get(at..at + RECORD_HEADER) {
@@ -528,6 +638,7 @@ fn replay_segment(
             Some(p) if len >= PAYLOAD_HEADER && crc32fast::hash(p) == crc => p,
             _ => {
                 end.bad_record = Some(at as u64);
+                end.verified_after = next_verified_record(&data, at + 1).map(|o| o as u64);
                 break;
             }
         };
@@ -603,7 +714,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_cut_and_zeroed_so_nothing_stale_comes_back() {
+    fn a_corrupt_record_is_reported_then_cut_and_zeroed_so_nothing_stale_comes_back() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
         wal.append(1, &entries(1, 1..4)).unwrap();
@@ -616,9 +727,18 @@ mod tests {
         file.write_all_at(&[0xee], second).unwrap();
         drop(file);
 
-        let wal = Wal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        let mut seen = Vec::new();
+        let wal = Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |d| {
+            seen.push(d.clone());
+            Ok(())
+        })
+        .unwrap();
+        // The third record still verifies: the second was damaged after it
+        // was written whole, so this is corruption, reported before the cut.
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].is_corruption(), "{}", seen[0]);
         assert_eq!(wal.read(1, 0..10).unwrap(), entries(1, 1..2));
-        // A new record of the same size lands where the torn one was; the
+        // A new record of the same size lands where the damaged one was; the
         // third (stale, intact) record must not reappear after it.
         wal.append(1, &[(2, b"x1-e2".to_vec())]).unwrap();
         wal.sync().unwrap();
@@ -628,6 +748,85 @@ mod tests {
             wal.read(1, 0..10).unwrap(),
             vec![(1, b"g1-e1".to_vec()), (2, b"x1-e2".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_torn_last_write_is_told_apart_from_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        wal.append(1, &entries(1, 1..4)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        // Tear the last record: its second half never reached the disk.
+        let path = segment_path(dir.path(), 1);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let record = RECORD_HEADER + PAYLOAD_HEADER + 5;
+        let third = (HEADER + 2 * record) as u64;
+        file.write_all_at(&[0u8; 10], third + 12).unwrap();
+        drop(file);
+        let mut seen = Vec::new();
+        let wal = Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |d| {
+            seen.push(d.clone());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].offset, third);
+        assert!(!seen[0].is_corruption(), "{}", seen[0]);
+        assert_eq!(wal.read(1, 0..10).unwrap(), entries(1, 1..3));
+        drop(wal);
+        // Cut and zeroed: the next open finds nothing bad.
+        let wal = Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |d| {
+            panic!("reported again: {d}")
+        })
+        .unwrap();
+        assert_eq!(wal.bounds(1), Some((1, 2)));
+    }
+
+    #[test]
+    fn a_failed_damage_report_cuts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        wal.append(1, &entries(1, 1..4)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let path = segment_path(dir.path(), 1);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xee; 4], (HEADER + RECORD_HEADER + 2) as u64)
+            .unwrap();
+        drop(file);
+        let failed = Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |_| {
+            Err(StoreError::Flush("disk went away".into()))
+        });
+        assert!(failed.is_err());
+        // Still there to be found (and reported) by the next open.
+        let mut seen = 0;
+        Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |d| {
+            assert!(d.is_corruption(), "{d}");
+            seen += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn the_scan_past_a_bad_record_ignores_arbitrary_bytes() {
+        // Bytes that are no record at all (noise) never verify; a record
+        // placed at an odd offset among them is found.
+        let mut data = vec![0u8; 64 * 1024];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert_eq!(next_verified_record(&data, 0), None);
+        let mut rec = Vec::new();
+        push_record(&mut rec, KIND_ENTRY, 3, 77, b"hello");
+        data[40_001..40_001 + rec.len()].copy_from_slice(&rec);
+        assert_eq!(next_verified_record(&data, 0), Some(40_001));
     }
 
     #[test]

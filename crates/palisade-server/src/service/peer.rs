@@ -83,7 +83,7 @@ impl Peer for PeerService {
         let group = self.target(&msg)?;
         let req: openraft::raft::AppendEntriesRequest<TypeConfig> =
             decode(msg.group_id, &msg.payload)?;
-        let result = group.raft().append_entries(req).await;
+        let result = group.append_entries(req).await;
         reply(msg.group_id, &result)
     }
 
@@ -91,7 +91,7 @@ impl Peer for PeerService {
         let msg = request.into_inner();
         let group = self.target(&msg)?;
         let req: openraft::raft::VoteRequest<NodeId> = decode(msg.group_id, &msg.payload)?;
-        let result = group.raft().vote(req).await;
+        let result = group.vote(req).await;
         reply(msg.group_id, &result)
     }
 

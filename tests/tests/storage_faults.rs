@@ -1,0 +1,186 @@
+//! Storage faults against real node processes: what a damaged disk must
+//! never cost (an acknowledged write) and how the cluster recovers.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use palisade_client::proto as pb;
+use palisade_tests::{ClusterOptions, TestCluster};
+
+const DATA_GROUP: u64 = 1;
+
+/// The leader of `group` in `s`, and the other voters.
+fn leader_and_followers(s: &pb::ClusterStatusResponse, group: u64) -> (u64, Vec<u64>) {
+    let g = s
+        .groups
+        .iter()
+        .find(|g| g.group_id == group)
+        .expect("the group is in the status");
+    let followers = g
+        .replicas
+        .iter()
+        .map(|r| r.node_id)
+        .filter(|n| *n != g.leader_id)
+        .collect();
+    (g.leader_id, followers)
+}
+
+/// The newest write-ahead log segment in node `id`'s data directory.
+fn newest_segment(cluster: &TestCluster, id: u64) -> PathBuf {
+    let dir = cluster
+        .dir()
+        .join(format!("node-{id}"))
+        .join("db")
+        .join("wal");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("wal dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    segments.pop().expect("a segment")
+}
+
+/// Flips 4 bytes at every place `needle` occurs in `path`; returns how many.
+fn flip_at(path: &Path, needle: &[u8]) -> usize {
+    let mut data = std::fs::read(path).expect("read segment");
+    let hits: Vec<usize> = data
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect();
+    for &at in &hits {
+        for b in &mut data[at..at + 4] {
+            *b ^= 0xff;
+        }
+    }
+    std::fs::write(path, &data).expect("write segment");
+    hits.len()
+}
+
+/// Issue 14's first reproduction. A follower's newest log segment gets a
+/// flipped record among entries only it and the (then crashed) leader had
+/// acknowledged; a lagging follower wakes up. Cutting the log at the bad
+/// record and voting with what is left would elect a leader without those
+/// writes. The damaged replica must instead abstain until the old leader
+/// is back and has re-sent them: nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flipped_record_in_the_newest_log_segment_costs_no_acknowledged_write() {
+    let mut opts = ClusterOptions::new(3);
+    opts.groups = 1;
+    let mut cluster = TestCluster::start(opts).await;
+    let client = cluster.client().await;
+    let value = |i: u32| format!("value-{i}-{}", "x".repeat(100));
+    for i in 0..1000u32 {
+        client
+            .put(format!("old-{i:04}"), value(i))
+            .await
+            .expect("put before the faults");
+    }
+    let status = cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await;
+    let (leader, followers) = leader_and_followers(&status, DATA_GROUP);
+    let (lagging, damaged) = (followers[0], followers[1]);
+
+    // Acknowledged by the leader and `damaged` only.
+    cluster.pause(lagging);
+    for i in 0..300u32 {
+        client
+            .put(format!("new-{i:04}"), value(i))
+            .await
+            .expect("put with one follower paused");
+    }
+    cluster.kill(damaged);
+    let segment = newest_segment(&cluster, damaged);
+    let flipped = flip_at(&segment, b"new-0000");
+    assert!(
+        flipped >= 1,
+        "the first new key is in {}",
+        segment.display()
+    );
+    cluster.kill(leader);
+    cluster.resume(lagging);
+    cluster.restart(damaged);
+
+    // Without the old leader, the damaged replica must not help elect
+    // anyone (its log lost entries a majority counted on), nor lead.
+    let window = Instant::now() + Duration::from_secs(8);
+    let mut saw_quarantine = false;
+    while Instant::now() < window {
+        if let Some(s) = cluster.status().await {
+            for g in &s.groups {
+                for r in &g.replicas {
+                    if r.node_id == damaged && !r.quarantine.is_empty() {
+                        saw_quarantine = true;
+                    }
+                }
+                if g.group_id == DATA_GROUP {
+                    assert!(
+                        g.leader_id != damaged && g.leader_id != lagging,
+                        "group {} elected node {} while the only full copy was down: {g:#?}",
+                        g.group_id,
+                        g.leader_id
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        saw_quarantine,
+        "node {damaged}'s damaged replica never reported its quarantine"
+    );
+
+    cluster.restart(leader);
+    cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await;
+    let client = cluster.client().await;
+    let mut missing = Vec::new();
+    for (prefix, n) in [("old", 1000u32), ("new", 300)] {
+        for i in 0..n {
+            let key = format!("{prefix}-{i:04}");
+            let got = client.get(key.clone()).await.expect("get after recovery");
+            let v = got
+                .kv
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+            if v.as_deref() != Some(value(i).as_str()) {
+                missing.push(key);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+
+    // The damaged replica is given its entries back and votes again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = cluster.status().await;
+        let healed = s.as_ref().is_some_and(|s| {
+            s.groups.iter().all(|g| {
+                g.replicas.len() == 3
+                    && g.replicas.iter().all(|r| r.quarantine.is_empty())
+                    && (g.group_id != DATA_GROUP || g.replicas.iter().all(|r| r.key_count == 1300))
+            })
+        });
+        if healed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the damaged replica did not recover: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in 1..=3 {
+        let log = std::fs::read_to_string(cluster.dir().join(format!("node-{id}.log")))
+            .unwrap_or_default();
+        assert!(!log.contains("panicked"), "node {id} panicked");
+    }
+}
