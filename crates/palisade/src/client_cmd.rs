@@ -638,6 +638,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
                 "voters": r.voters, "learners": r.learners, "key_count": r.key_count,
                 "lag": r.lag, "compact_revision": r.compact_revision,
                 "history_records": r.history_records,
+                "quarantine": (!r.quarantine.is_empty()).then_some(&r.quarantine),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -776,6 +777,27 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
                 r.revision,
                 r.key_count
             );
+        }
+    }
+    let quarantined: Vec<String> = s
+        .groups
+        .iter()
+        .flat_map(|g| {
+            g.replicas
+                .iter()
+                .filter(|r| !r.quarantine.is_empty())
+                .map(move |r| {
+                    format!(
+                        "group {} on node {}: QUARANTINED (does not vote until its leader re-sends what it lost): {}",
+                        g.group_id, r.node_id, r.quarantine
+                    )
+                })
+        })
+        .collect();
+    if !quarantined.is_empty() {
+        let _ = writeln!(out);
+        for line in quarantined {
+            let _ = writeln!(out, "{line}");
         }
     }
     out
