@@ -1006,7 +1006,9 @@ impl Drill {
                 if candidates.is_empty() {
                     let g = data[rng.gen_range(0..data.len())];
                     let to = voters(g)[rng.gen_range(0..voters(g).len())];
-                    retry_admin(|| client.transfer_leader(g.id, to)).await?;
+                    retry_admin(|| client.transfer_leader(g.id, to))
+                        .await
+                        .map_err(map_moved)?;
                     return Ok(format!(
                         "transfer group {}'s leadership to node {to} (no replica could move)",
                         g.id
@@ -1064,9 +1066,19 @@ impl std::fmt::Display for MapMoved {
 
 impl std::error::Error for MapMoved {}
 
-/// Marks a `FAILED_PRECONDITION` refusal as [`MapMoved`].
+/// Whether a refusal says the request no longer fits the map:
+/// `FAILED_PRECONDITION`, or `NOT_FOUND` (the group or node was removed
+/// since the map was read — a shrink deletes groups).
+fn refused_by_map(e: &palisade_client::Error) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::NotFound
+    )
+}
+
+/// Marks a refusal by the map (see [`refused_by_map`]) as [`MapMoved`].
 fn map_moved(e: palisade_client::Error) -> anyhow::Error {
-    if e.code() == tonic::Code::FailedPrecondition {
+    if refused_by_map(&e) {
         anyhow::Error::new(MapMoved(e.to_string()))
     } else {
         anyhow::Error::new(e)
@@ -1075,8 +1087,8 @@ fn map_moved(e: palisade_client::Error) -> anyhow::Error {
 
 /// Runs an admin call, retrying for a while (a leader election, a node
 /// that is still joining); the error of the last attempt otherwise. A
-/// refusal (`FAILED_PRECONDITION`: the request does not fit the map) is
-/// not retried: the same request would be refused again.
+/// refusal by the map (see [`refused_by_map`]) is not retried: the same
+/// request would be refused again.
 async fn retry_admin<T, F, Fut>(mut call: F) -> Result<T, palisade_client::Error>
 where
     F: FnMut() -> Fut,
@@ -1086,7 +1098,7 @@ where
     loop {
         match call().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.code() == tonic::Code::FailedPrecondition => return Err(e),
+            Err(e) if refused_by_map(&e) => return Err(e),
             Err(e) if Instant::now() < deadline => {
                 eprintln!("admin call failed, retrying: {e}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
