@@ -346,6 +346,29 @@ impl TestCluster {
         self.ip(id)
     }
 
+    /// Waits up to `timeout` for node `id`'s process to exit by itself;
+    /// returns its exit status (and forgets the process), or `None` if it
+    /// is still running.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.procs.get_mut(&id)?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.procs.remove(&id);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Node `id`'s log so far.
+    pub fn node_log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
     /// Restarts a killed node on its own data directory.
     pub fn restart(&mut self, id: u64) {
         self.spawn(id);

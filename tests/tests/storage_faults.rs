@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use palisade_client::proto as pb;
+use palisade_client::{Client, proto as pb};
 use palisade_tests::{ClusterOptions, TestCluster};
 
 const DATA_GROUP: u64 = 1;
@@ -182,5 +182,106 @@ async fn a_flipped_record_in_the_newest_log_segment_costs_no_acknowledged_write(
         let log = std::fs::read_to_string(cluster.dir().join(format!("node-{id}.log")))
             .unwrap_or_default();
         assert!(!log.contains("panicked"), "node {id} panicked");
+    }
+}
+
+/// Issue 14's second reproduction. A follower's data directory disappears
+/// (a replaced disk, an operator's `rm -rf`) and the node is started again
+/// under its old id: it would vote and count toward quorums without the
+/// votes and log it promised to keep. It must refuse to start, saying what
+/// to do; the cluster stays available, and the documented way back — remove
+/// the node, join a new one — heals it with every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_restarted_on_an_empty_data_directory_refuses_its_old_identity() {
+    let mut opts = ClusterOptions::new(3);
+    opts.groups = 2;
+    let mut cluster = TestCluster::start(opts).await;
+    let client = cluster.client().await;
+    for i in 0..200u32 {
+        client
+            .put(format!("k-{i:04}"), format!("v{i}"))
+            .await
+            .expect("put");
+    }
+    // Every node has reported in: the map records its data directory.
+    cluster
+        .wait_map(
+            "every node's incarnation recorded",
+            Duration::from_secs(60),
+            |_, m| m.nodes.iter().all(|n| n.incarnation != 0),
+        )
+        .await;
+    let wiped = 3;
+    cluster.kill(wiped);
+    let dir = cluster.dir().join(format!("node-{wiped}"));
+    std::fs::rename(&dir, cluster.dir().join(format!("node-{wiped}.lost"))).expect("move away");
+    cluster.restart(wiped);
+    let exit = cluster.wait_exit(wiped, Duration::from_secs(30));
+    let log = cluster.node_log(wiped);
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "node {wiped} started on an empty data directory under its old id ({exit:?}); log:\n{log}"
+    );
+    assert!(
+        log.contains("lost its state") && log.contains("node remove"),
+        "the refusal says what happened and what to do; log:\n{log}"
+    );
+
+    // The survivors still serve, and a replacement heals the cluster.
+    let live: Vec<String> = [1, 2].iter().map(|n| cluster.addr(*n)).collect();
+    let client = Client::connect(live).await.expect("connect");
+    client
+        .put("after", "wipe")
+        .await
+        .expect("put after the wipe");
+    client.drain_node(wiped, true).await.expect("node remove");
+    cluster
+        .wait_map(
+            "the wiped node removed",
+            Duration::from_secs(120),
+            |_, m| {
+                m.nodes
+                    .iter()
+                    .any(|n| n.id == wiped && n.state == pb::NodeState::Removed as i32)
+            },
+        )
+        .await;
+    cluster.join(4, &[]);
+    cluster
+        .wait_map(
+            "every group on 3 voters again, with the new node",
+            Duration::from_secs(120),
+            |s, m| {
+                let placed = m.groups.iter().filter(|g| g.id != 0).all(|g| {
+                    g.replicas
+                        .iter()
+                        .filter(|r| r.role == pb::ReplicaRole::Voter as i32)
+                        .count()
+                        == 3
+                });
+                let on_new = m
+                    .groups
+                    .iter()
+                    .any(|g| g.replicas.iter().any(|r| r.node_id == 4));
+                let led = s.groups.iter().all(|g| g.leader_id != 0);
+                placed && on_new && led
+            },
+        )
+        .await;
+    let client = Client::connect(
+        [1, 2, 4]
+            .iter()
+            .map(|n| cluster.addr(*n))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("connect");
+    for i in 0..200u32 {
+        let got = client.get(format!("k-{i:04}")).await.expect("get");
+        assert_eq!(
+            got.kv.map(|kv| kv.value),
+            Some(format!("v{i}").into_bytes()),
+            "k-{i:04}"
+        );
     }
 }

@@ -169,7 +169,30 @@ impl Coordinator {
         let mut obs = Observation::default();
         let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
         let mut serves_all = BTreeSet::new();
+        let mut incarnations = Vec::new();
         for ((id, _), status) in targets.iter().zip(probes) {
+            let recorded = map.nodes.get(id).map_or(0, |n| n.incarnation);
+            let status = status.filter(|s| {
+                let same_dir = s.incarnation == 0 || recorded == 0 || s.incarnation == recorded;
+                if s.node_id != *id || !same_dir {
+                    // Not the node the map knows: another process at its
+                    // address, or the node restarted on a new data
+                    // directory (it lost its votes and log). It is not
+                    // counted as alive, so it is replaced in time.
+                    tracing::error!(
+                        node = id,
+                        answered_as = s.node_id,
+                        incarnation = format!("{:#x}", s.incarnation),
+                        recorded = format!("{recorded:#x}"),
+                        "a node answered with another identity or data directory than the map records; treating it as down"
+                    );
+                    return false;
+                }
+                if recorded == 0 && s.incarnation != 0 {
+                    incarnations.push((*id, s.incarnation));
+                }
+                true
+            });
             match status {
                 Some(status) => {
                     self.last_seen.insert(*id, now);
@@ -195,6 +218,15 @@ impl Coordinator {
                         obs.down.insert(*id);
                     }
                 }
+            }
+        }
+        for (id, incarnation) in incarnations {
+            let cmd = MapCommand::SetIncarnation {
+                node: id,
+                incarnation,
+            };
+            if let Err(e) = propose_map(node, cmd).await {
+                tracing::debug!(node = id, error = %e, "recording a node's incarnation failed");
             }
         }
         obs.leaders = leaders.into_iter().map(|(g, (_, n))| (g, n)).collect();

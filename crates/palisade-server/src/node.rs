@@ -54,6 +54,9 @@ use crate::tasks::Tasks;
 const NODE_ID_FACT: &str = "node_id";
 /// Node fact: the cluster's id (learned when joining).
 const CLUSTER_ID_FACT: &str = "cluster_id";
+/// Node fact: the incarnation of this data directory (see
+/// `NodeInfo::incarnation`), drawn when the directory is first opened.
+const INCARNATION_FACT: &str = "incarnation";
 /// Node fact written by versions before the cluster map: the number of data
 /// groups fixed at bootstrap.
 const LEGACY_GROUPS_FACT: &str = "data_groups";
@@ -67,6 +70,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Node {
     pub(crate) config: NodeConfig,
     id: NodeId,
+    /// This data directory's incarnation (see `NodeInfo::incarnation`).
+    incarnation: u64,
     store: NodeStore,
     raft_config: Arc<openraft::Config>,
     pub(crate) channels: PeerChannels,
@@ -123,12 +128,14 @@ impl Node {
             Some(_) => None,
             None => store.node_fact(LEGACY_GROUPS_FACT)?,
         };
-        let id = resolve_identity(&config, &store, &channels).await?;
+        let incarnation = data_incarnation(&store)?;
+        let id = resolve_identity(&config, &store, &channels, incarnation).await?;
         let raft_config = Arc::new(config.raft_config()?);
         let (map_tx, map_rx) = watch::channel(Arc::new(ClusterMap::default()));
         let node = Arc::new(Node {
             config,
             id,
+            incarnation,
             store,
             raft_config,
             channels,
@@ -316,6 +323,11 @@ impl Node {
         }
     }
 
+    /// This data directory's incarnation (see `NodeInfo::incarnation`).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     pub fn id(&self) -> NodeId {
         self.id
     }
@@ -433,6 +445,7 @@ impl Node {
             rss_bytes: rss_bytes().unwrap_or(0),
             disk_bytes: self.store.size_on_disk().unwrap_or(0),
             write_bytes: write_bytes().unwrap_or(0),
+            incarnation: self.incarnation,
         }
     }
 
@@ -471,12 +484,99 @@ impl Node {
     }
 }
 
+/// This data directory's incarnation: drawn (from the runtime's random
+/// source, which a simulation seeds) and recorded the first time.
+fn data_incarnation(store: &NodeStore) -> Result<u64, ServerError> {
+    if let Some(i) = store.node_fact(INCARNATION_FACT)? {
+        return Ok(i);
+    }
+    let incarnation = {
+        use openraft::async_runtime::AsyncRuntime;
+        use rand::Rng;
+        let mut rng = palisade_group::runtime::PalisadeRuntime::thread_rng();
+        rng.gen_range(1..=u64::MAX)
+    };
+    store.set_node_fact(INCARNATION_FACT, incarnation)?;
+    Ok(incarnation)
+}
+
+/// How long a node with a new data directory asks its `--peers` whether
+/// they already know it (see [`refuse_lost_identity`]).
+const IDENTITY_CHECK: Duration = Duration::from_secs(3);
+
+/// Refuses to start node `id` on a new data directory (incarnation
+/// `incarnation`) when a peer's cluster map shows the node already ran with
+/// another one: the node's votes and log are gone, and a replica that
+/// forgot them could vote twice in a term or count toward a quorum for
+/// entries it no longer has. Peers that do not answer within
+/// [`IDENTITY_CHECK`] are skipped (a cluster starting for the first time);
+/// the coordinator refuses such a process later as well.
+async fn refuse_lost_identity(
+    config: &NodeConfig,
+    channels: &PeerChannels,
+    id: NodeId,
+    incarnation: u64,
+) -> Result<(), ServerError> {
+    use palisade_proto::v1::admin_client::AdminClient;
+    let peers: Vec<String> = config
+        .peers
+        .iter()
+        .filter(|(p, _)| **p != id)
+        .map(|(_, addr)| addr.clone())
+        .collect();
+    // `None`: no answer; `Some(None)`: the peer answered without a map (a
+    // typed refusal: it has none yet).
+    let ask = |addr: String| async move {
+        let channel = channels.connector().channel(&addr).ok()?;
+        let mut client = AdminClient::new(channel);
+        let mut request = tonic::Request::new(pb::GetClusterMapRequest { min_epoch: 0 });
+        request.set_timeout(config.peer_timeout);
+        match tokio::time::timeout(config.peer_timeout, client.get_cluster_map(request))
+            .await
+            .ok()?
+        {
+            Ok(reply) => Some(reply.into_inner().map.map(|m| (addr, m))),
+            Err(status) => error_detail(&status).is_some().then_some(None),
+        }
+    };
+    let deadline = tokio::time::Instant::now() + IDENTITY_CHECK;
+    loop {
+        let replies = futures::future::join_all(peers.iter().cloned().map(ask)).await;
+        let answered = replies.iter().any(Option::is_some);
+        for (addr, map) in replies.into_iter().flatten().flatten() {
+            let known = map.nodes.iter().find(|n| n.id == id);
+            if let Some(n) = known
+                && n.incarnation != 0
+                && n.incarnation != incarnation
+            {
+                return Err(ServerError::Config(format!(
+                    "node {id} is a member of cluster {:#x} (the map at {addr} lists it, from \
+                     data directory incarnation {:#x}), but {} is a new data directory: this \
+                     node lost its state (votes and log). It must not run under id {id} \
+                     again. Replace it: `palisade node remove {id} --endpoints {addr}`, then \
+                     start this node with an empty data directory and `--join {addr}` (without \
+                     --id or --peers: it gets a new id). If the old data directory still \
+                     exists, start the node on it instead.",
+                    map.cluster_id,
+                    n.incarnation,
+                    config.data_dir.display()
+                )));
+            }
+        }
+        if answered || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// The node's id: kept from its data directory, taken from the config, or
 /// given by the cluster it joins (see the module doc).
 async fn resolve_identity(
     config: &NodeConfig,
     store: &NodeStore,
     channels: &PeerChannels,
+    incarnation: u64,
 ) -> Result<NodeId, ServerError> {
     if let Some(id) = store.node_fact(NODE_ID_FACT)? {
         if config.id != 0 && config.id != id {
@@ -497,9 +597,10 @@ async fn resolve_identity(
         }
         config.id
     } else if !config.peers.is_empty() {
+        refuse_lost_identity(config, channels, config.id, incarnation).await?;
         config.id
     } else if !config.join.is_empty() {
-        let (id, cluster) = join_cluster(config, channels).await?;
+        let (id, cluster) = join_cluster(config, channels, incarnation).await?;
         store.set_node_fact(CLUSTER_ID_FACT, cluster)?;
         id
     } else {
@@ -516,9 +617,11 @@ async fn resolve_identity(
 async fn join_cluster(
     config: &NodeConfig,
     channels: &PeerChannels,
+    incarnation: u64,
 ) -> Result<(NodeId, u64), ServerError> {
     use palisade_proto::v1::admin_client::AdminClient;
     let req = pb::JoinNodeRequest {
+        incarnation,
         node_id: config.id,
         addr: config.advertise_addr(),
         region: config.region.clone(),

@@ -114,6 +114,12 @@ pub struct NodeInfo {
     pub zone: String,
     pub state: NodeState,
     pub kind: NodeKind,
+    /// The incarnation of the node's data directory (a random number drawn
+    /// when the directory was created), recorded the first time the node
+    /// reports in; 0 until then. A process that starts under this node's id
+    /// with another incarnation lost the state the node promised to keep
+    /// (its votes and log) and must not take its place.
+    pub incarnation: u64,
 }
 
 impl NodeInfo {
@@ -439,6 +445,12 @@ pub enum MapCommand {
     DropGroup {
         group: GroupId,
     },
+    /// Records the incarnation node `node` reported (see
+    /// [`NodeInfo::incarnation`]); once recorded it never changes.
+    SetIncarnation {
+        node: NodeId,
+        incarnation: u64,
+    },
 }
 
 /// What an applied command created.
@@ -496,6 +508,15 @@ pub enum MapError {
     GroupInUse(GroupId),
     #[error("invalid map: {0}")]
     BadMap(String),
+    #[error(
+        "node {node} is recorded with data directory incarnation {recorded:#x}, not {offered:#x}: \
+         the process under that id lost the node's state"
+    )]
+    WrongIncarnation {
+        node: NodeId,
+        recorded: u64,
+        offered: u64,
+    },
 }
 
 impl ClusterMap {
@@ -659,6 +680,7 @@ impl ClusterMap {
                     zone: zone.clone(),
                     state: NodeState::Joining,
                     kind: kind.clone(),
+                    incarnation: 0,
                 };
                 match self.register_node(*id, node)? {
                     Registered::New(id) => MapResult::Node(id),
@@ -792,6 +814,25 @@ impl ClusterMap {
                 }
                 m.handoff_revision = Some(*revision);
                 m.phase = MovePhase::Commit;
+                MapResult::Done
+            }
+            MapCommand::SetIncarnation { node, incarnation } => {
+                let info = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or(MapError::UnknownNode(*node))?;
+                if info.incarnation == *incarnation {
+                    // A repeat: nothing changes, not even the epoch.
+                    return Ok(MapResult::Done);
+                }
+                if info.incarnation != 0 || *incarnation == 0 {
+                    return Err(MapError::WrongIncarnation {
+                        node: *node,
+                        recorded: info.incarnation,
+                        offered: *incarnation,
+                    });
+                }
+                info.incarnation = *incarnation;
                 MapResult::Done
             }
             MapCommand::SwitchRoute { id } => {
@@ -1187,6 +1228,7 @@ fn serving_node(addr: &str) -> NodeInfo {
         zone: String::new(),
         state: NodeState::Serving,
         kind: NodeKind::Voting,
+        incarnation: 0,
     }
 }
 
@@ -1234,6 +1276,37 @@ mod tests {
             MapResult::Node(id) => id,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_node_incarnation_is_recorded_once_and_never_replaced() {
+        let mut map = three();
+        let epoch = map.epoch;
+        let set = |node, incarnation| MapCommand::SetIncarnation { node, incarnation };
+        assert_eq!(map.apply(&set(2, 0xabc)).unwrap(), MapResult::Done);
+        assert_eq!(map.nodes[&2].incarnation, 0xabc);
+        assert_eq!(map.epoch, epoch + 1);
+        // A repeat changes nothing, not even the epoch.
+        assert_eq!(map.apply(&set(2, 0xabc)).unwrap(), MapResult::Done);
+        assert_eq!(map.epoch, epoch + 1);
+        // Another incarnation under the same id is refused.
+        assert!(matches!(
+            map.apply(&set(2, 0xdef)),
+            Err(MapError::WrongIncarnation {
+                node: 2,
+                recorded: 0xabc,
+                offered: 0xdef
+            })
+        ));
+        assert!(matches!(
+            map.apply(&set(2, 0)),
+            Err(MapError::WrongIncarnation { .. })
+        ));
+        assert!(matches!(
+            map.apply(&set(9, 1)),
+            Err(MapError::UnknownNode(9))
+        ));
+        assert_eq!(map.nodes[&2].incarnation, 0xabc);
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub fn map_to_proto(map: &ClusterMap) -> pb::ClusterMap {
                 state: node_state(n.state) as i32,
                 read_replica,
                 read_groups,
+                incarnation: n.incarnation,
             }
         })
         .collect();
@@ -307,6 +308,7 @@ impl Admin for AdminService {
                     },
                 };
                 let node = node.clone();
+                let offered = r.incarnation;
                 async move {
                     let id = match change_map(&node, cmd).await? {
                         MapResult::Node(id) => id,
@@ -317,6 +319,15 @@ impl Admin for AdminService {
                         }
                     };
                     let map = node.map();
+                    let recorded = map.nodes.get(&id).map_or(0, |n| n.incarnation);
+                    if offered != 0 && recorded != 0 && recorded != offered {
+                        return Err(ServerError::FailedPrecondition(format!(
+                            "node {id} already ran from another data directory (incarnation \
+                             {recorded:#x}); this one ({offered:#x}) is new, so the node lost its \
+                             state and must not come back under id {id}: remove it \
+                             (`palisade node remove {id}`) and join without --id to get a new one"
+                        )));
+                    }
                     tracing::info!(
                         node = id,
                         "node registered; it joins as a meta learner first"
