@@ -155,6 +155,40 @@ pub struct NodeConfig {
     /// Join as a read replica: learners only, of `read_groups` (empty: all).
     pub learner: bool,
     pub read_groups: Vec<u64>,
+    /// What to do when a group's Raft stops on its own (a storage error, a
+    /// panic): by default the process exits (see [`FatalHook`]).
+    pub on_fatal: FatalHook,
+}
+
+/// Called once when one of the node's groups stops on its own, with a
+/// description. A group that stopped cannot serve or vote; a process that
+/// kept running with it would answer `UNAVAILABLE` forever (a zombie), so
+/// the default is crash-only: log it and exit non-zero, and let the
+/// supervisor restart the node (everything acknowledged is on disk). A
+/// simulation passes its own hook (its hosts share one process).
+#[derive(Clone)]
+pub struct FatalHook(pub std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+
+impl FatalHook {
+    /// Exit code of a crash-only exit.
+    pub const EXIT_CODE: i32 = 70;
+
+    /// Logs `what` and exits the process.
+    pub fn exit_process() -> Self {
+        Self(std::sync::Arc::new(|what: &str| {
+            tracing::error!(
+                "{what}; exiting (crash-only: restart the node; everything it acknowledged is on disk)"
+            );
+            eprintln!("palisade: fatal: {what}");
+            std::process::exit(Self::EXIT_CODE);
+        }))
+    }
+}
+
+impl std::fmt::Debug for FatalHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FatalHook")
+    }
 }
 
 impl NodeConfig {
@@ -192,6 +226,7 @@ impl NodeConfig {
             history_retention: DEFAULT_HISTORY_RETENTION,
             learner: false,
             read_groups: Vec::new(),
+            on_fatal: FatalHook::exit_process(),
         }
     }
 

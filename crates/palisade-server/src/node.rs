@@ -229,8 +229,30 @@ impl Node {
         .await?;
         let g = Arc::new(g);
         self.registry.insert(g.clone());
+        self.watch_for_fatal_stop(&g);
         tracing::info!(node = self.id, group, replica, "replica open");
         Ok(g)
+    }
+
+    /// Calls the fatal hook if `group`'s Raft stops other than by a
+    /// shutdown (a storage error, a panic in its core).
+    fn watch_for_fatal_stop(&self, group: &Arc<RaftGroup>) {
+        let mut metrics = group.raft().metrics();
+        let hook = self.config.on_fatal.clone();
+        let (node, id) = (self.id, group.id());
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                if metrics.borrow().running_state.is_err() {
+                    break;
+                }
+            }
+            let why = match &metrics.borrow().running_state {
+                Err(openraft::error::Fatal::Stopped) => return,
+                Err(e) => e.to_string(),
+                Ok(()) => "its Raft core ended without a word (a panic)".to_string(),
+            };
+            hook.0(&format!("node {node}: group {id} stopped: {why}"));
+        });
     }
 
     /// Closes the local replica of `group` (if open) and deletes its data.

@@ -106,6 +106,34 @@ fn record_damage(db: &sled::Db, damage: &wal::Damage) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Deletes sled snapshot files whose writing never finished
+/// (`snap.*.generating`). sled 0.34 writes a snapshot there and renames it
+/// when complete, but on open it reads the newest `snap.*` file whatever
+/// its suffix, so one left by a crash (or a full disk: an empty one) makes
+/// every later open fail as corrupt (sled issue #1527). Such a file never
+/// holds anything the finished snapshots and sled's log do not.
+fn remove_unfinished_sled_snapshots(path: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Ok(()); // a new directory
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(entry.path()).map_err(|e| {
+                StoreError::Flush(format!("removing {}: {e}", entry.path().display()))
+            })?;
+            tracing::warn!(
+                file = %entry.path().display(),
+                bytes = size,
+                "removed an unfinished sled snapshot (left by a crash or a full disk)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Groups `db` has storage for, ascending.
 fn stored_groups(db: &sled::Db) -> Vec<u64> {
     let mut groups: Vec<u64> = db
@@ -129,6 +157,7 @@ impl NodeStore {
 
     /// Opens the database with the given flush mode.
     pub fn open_with(path: &Path, cache_bytes: u64, mode: FlushMode) -> Result<Self, StoreError> {
+        remove_unfinished_sled_snapshots(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -274,6 +303,26 @@ mod tests {
             R = u64,
             SnapshotData = std::io::Cursor<Vec<u8>>,
     );
+
+    #[test]
+    fn an_unfinished_sled_snapshot_does_not_stop_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+            let state = store.state_tree(1).unwrap();
+            let mut b = state.batch();
+            b.put(b"k", b"v".to_vec(), 1).unwrap();
+            b.set_applied(1);
+            b.commit().unwrap();
+            state.persist().unwrap();
+        }
+        // What a full disk leaves behind: an empty snapshot being written,
+        // sorting after every finished one.
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFF0.generating"), b"").unwrap();
+        let store = NodeStore::open(dir.path(), 8 << 20).expect("opens");
+        assert!(!dir.path().join("snap.FFFFFFFFFFFFFFF0.generating").exists());
+        assert!(store.state_tree(1).unwrap().get(b"k").unwrap().0.is_some());
+    }
 
     #[test]
     fn corruption_quarantines_every_stored_group_and_a_torn_write_none() {

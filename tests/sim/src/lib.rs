@@ -155,6 +155,7 @@ pub fn node_config(id: u64, n: u64, data_dir: PathBuf, groups: u64) -> NodeConfi
     config.data_groups = groups;
     config.flush_mode = palisade_storage::FlushMode::Inline;
     config.cache_bytes = 4 * 1024 * 1024;
+    config.on_fatal = record_fatal_stop();
     config
 }
 
@@ -528,6 +529,7 @@ pub fn join_config(id: u64, n: u64, data_dir: PathBuf) -> NodeConfig {
     config.advertise = addr(id);
     config.flush_mode = palisade_storage::FlushMode::Inline;
     config.cache_bytes = 4 * 1024 * 1024;
+    config.on_fatal = record_fatal_stop();
     config
 }
 
@@ -596,6 +598,7 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     ELECT.with(|e| e.borrow_mut().clear());
     EXITED.with(|e| e.borrow_mut().clear());
     FINAL_READ_FAILURES.with(|f| f.borrow_mut().clear());
+    FATAL_STOPS.with(|f| f.borrow_mut().clear());
     let mut invariants = Invariants::default();
     let mut next_observation = Duration::ZERO;
     let rec = Recorder::default();
@@ -785,6 +788,9 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     if opts.membership {
         describe_cluster(&mut trace);
     }
+    for stop in FATAL_STOPS.with(|f| std::mem::take(&mut *f.borrow_mut())) {
+        problems.push(format!("a group stopped on its own: {stop}"));
+    }
     let unread = FINAL_READ_FAILURES.with(|f| std::mem::take(&mut *f.borrow_mut()));
     if !unread.is_empty() {
         problems.push(format!(
@@ -876,6 +882,17 @@ thread_local! {
     static EXITED: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
     /// Keys the final reads could not read after everything healed.
     static FINAL_READ_FAILURES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    /// Groups whose Raft stopped on its own (see `NodeConfig::on_fatal`):
+    /// a real node would exit; here it is a problem of the run.
+    static FATAL_STOPS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The simulation's fatal hook: records the stop (all hosts share this
+/// process, so it must not exit).
+fn record_fatal_stop() -> palisade_server::config::FatalHook {
+    palisade_server::config::FatalHook(Arc::new(|what: &str| {
+        FATAL_STOPS.with(|f| f.borrow_mut().push(what.to_string()));
+    }))
 }
 
 /// Like [`run_node`], but registers the node for invariant observation.
