@@ -62,6 +62,9 @@ pub struct ClusterOptions {
     /// Start node `id` from a copy of `{dir}/n{id}` (data directories
     /// written elsewhere, e.g. by an earlier version).
     pub seed_data: Option<PathBuf>,
+    /// Give each node's data directory its own tmpfs of this many MiB (a
+    /// small disk that can fill up; needs root).
+    pub tmpfs_mb: Option<u64>,
 }
 
 impl ClusterOptions {
@@ -76,12 +79,15 @@ impl ClusterOptions {
             replicas: None,
             address: None,
             seed_data: None,
+            tmpfs_mb: None,
         }
     }
 }
 
 /// A cluster of real node processes.
 pub struct TestCluster {
+    /// tmpfs mounts to undo when the cluster goes.
+    mounts: Vec<PathBuf>,
     dir: tempfile::TempDir,
     ip_prefix: String,
     port: u16,
@@ -119,7 +125,26 @@ impl TestCluster {
                 assert!(status.success(), "copying the seed data of node {id}");
             }
         }
+        let mut mounts = Vec::new();
+        if let Some(mb) = opts.tmpfs_mb {
+            for id in 1..=opts.nodes {
+                let at = dir.path().join(format!("node-{id}"));
+                std::fs::create_dir_all(&at).expect("node dir");
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+                    .arg(&at)
+                    .status()
+                    .expect("run mount");
+                assert!(
+                    status.success(),
+                    "mounting a {mb} MiB tmpfs at {} failed (this test needs root)",
+                    at.display()
+                );
+                mounts.push(at);
+            }
+        }
         let mut cluster = TestCluster {
+            mounts,
             dir,
             ip_prefix,
             port,
@@ -565,6 +590,9 @@ impl Drop for TestCluster {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for at in std::mem::take(&mut self.mounts) {
+            let _ = Command::new("umount").arg(&at).status();
         }
     }
 }

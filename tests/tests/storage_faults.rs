@@ -285,3 +285,149 @@ async fn a_node_restarted_on_an_empty_data_directory_refuses_its_old_identity() 
         );
     }
 }
+
+/// Free bytes on the filesystem holding `path` (statvfs via `df`).
+fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df output")
+}
+
+/// Fills node `id`'s disk until `leave` bytes are free; returns the file.
+fn fill_disk(cluster: &TestCluster, id: u64, leave: u64) -> PathBuf {
+    let dir = cluster.dir().join(format!("node-{id}"));
+    let path = dir.join("ballast");
+    let size = free_bytes(&dir).saturating_sub(leave);
+    let file = std::fs::File::create(&path).expect("ballast");
+    // Written, not sparse: tmpfs counts written pages.
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut left = size;
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(file);
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..n]).expect("fill");
+        left -= n as u64;
+    }
+    w.flush().expect("flush ballast");
+    path
+}
+
+/// Issue 14's third reproduction. Every node's (small) disk fills up. The
+/// groups must stay alive (no zombie, no candidates spinning), writes that
+/// add data get RESOURCE_EXHAUSTED with a typed `DiskFull` detail, reads
+/// and deletes keep working, and once space is freed writes go through
+/// again without a restart. A single full follower costs nothing: the
+/// others commit, and it catches up once freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_raises_an_alarm_not_a_zombie_and_clears_by_itself() {
+    const MIB: u64 = 1024 * 1024;
+    let mut opts = ClusterOptions::new(3);
+    opts.groups = 1;
+    opts.tmpfs_mb = Some(160);
+    opts.extra_args = vec!["--disk-reserve-mb".into(), "48".into()];
+    let mut cluster = TestCluster::start(opts).await;
+    let client = cluster.client().await;
+    for i in 0..100u32 {
+        client.put(format!("k-{i:03}"), "v").await.expect("put");
+    }
+    let status = cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await;
+    let (_, followers) = leader_and_followers(&status, DATA_GROUP);
+
+    // One full follower: the other two still commit.
+    let one = fill_disk(&cluster, followers[0], 24 * MIB);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..20u32 {
+        client
+            .put(format!("minority-{i:02}"), "v")
+            .await
+            .expect("a write with one full follower");
+    }
+    std::fs::remove_file(&one).expect("free");
+
+    // Every disk full.
+    let ballast: Vec<PathBuf> = (1..=3)
+        .map(|id| fill_disk(&cluster, id, 24 * MIB))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refusal = loop {
+        match client.put("while-full", "v").await {
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => break e,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "writes were not refused with RESOURCE_EXHAUSTED on full disks: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let detail = palisade_client::disk_full_detail(&refusal).expect("a typed DiskFull detail");
+    assert_eq!(detail.group_id, DATA_GROUP);
+    assert!(
+        !detail.node_ids.is_empty() && detail.node_ids.iter().all(|n| (1..=3).contains(n)),
+        "the detail names the full nodes: {detail:?}"
+    );
+    // Reads and deletes go on; the groups keep their leaders.
+    let got = client.get("k-001").await.expect("read while full");
+    assert!(got.kv.is_some());
+    client.delete("k-002").await.expect("delete while full");
+    let s = cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(10))
+        .await;
+    let term_then = s.groups.iter().map(|g| g.term).max().unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(10))
+        .await;
+    assert!(
+        s.nodes.iter().all(|n| n.disk_full),
+        "every node reports the alarm: {:?}",
+        s.nodes
+    );
+    let term_now = s.groups.iter().map(|g| g.term).max().unwrap_or(0);
+    assert!(
+        term_now <= term_then + 1,
+        "elections spin while the disks are full: term {term_then} -> {term_now}"
+    );
+
+    // Space freed: the alarm clears by itself and writes go through.
+    for b in &ballast {
+        std::fs::remove_file(b).expect("free");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.put("after-full", "v").await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "writes did not resume after space was freed: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    assert!(client.get("k-002").await.expect("get").kv.is_none());
+    for id in 1..=3 {
+        assert!(
+            cluster.wait_exit(id, Duration::ZERO).is_none(),
+            "node {id} exited"
+        );
+        let log = cluster.node_log(id);
+        assert!(!log.contains("panicked"), "node {id} panicked");
+    }
+    // The follower that was full alone caught up.
+    cluster
+        .wait_caught_up(followers[0], Duration::from_secs(30))
+        .await;
+}

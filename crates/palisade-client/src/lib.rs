@@ -186,6 +186,17 @@ pub fn stale_fence_detail(err: &Error) -> Option<pb::StaleFence> {
     }
 }
 
+/// The `DiskFull` detail of a `RESOURCE_EXHAUSTED` error: a write that adds
+/// data was refused because disks are below their reserve (nothing was
+/// applied; it fails the same way until space is freed).
+pub fn disk_full_detail(err: &Error) -> Option<pb::DiskFull> {
+    let Error::Status(s) = err else { return None };
+    match pb::ErrorDetail::decode(s.details()).ok()?.kind? {
+        pb::error_detail::Kind::DiskFull(d) => Some(d),
+        _ => None,
+    }
+}
+
 /// Where a lease lives: with a hash slot (leases of this version), or in
 /// a group (leases granted before the cluster map).
 pub fn lease_location(id: u64) -> Option<LeaseHome> {

@@ -13,6 +13,7 @@
 //! | `DEADLINE_EXCEEDED` (`UnknownOutcome`)   | back off, retry (same request id)| **yes**          |
 //! | `DEADLINE_EXCEEDED` (`NotEverywhere`)    | give up: the write is committed  | yes (committed)  |
 //! | transport (`UNAVAILABLE`, `UNKNOWN`, `CANCELLED`, `DEADLINE_EXCEEDED` without detail) | back off, new connection, forget the leader | **yes** |
+//! | `RESOURCE_EXHAUSTED` (`DiskFull`)         | give up: retrying fails alike until space is freed | no |
 //! | anything else (`INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `NOT_FOUND`, `OUT_OF_RANGE`…) | give up | no |
 //!
 //! A write that runs out of time after any attempt that may have applied
@@ -222,6 +223,16 @@ mod tests {
                 Decision::GiveUp,
             ),
             (Status::out_of_range("compacted"), Decision::GiveUp),
+            (
+                with(
+                    Code::ResourceExhausted,
+                    D::DiskFull(pb::DiskFull {
+                        group_id: 1,
+                        node_ids: vec![2],
+                    }),
+                ),
+                Decision::GiveUp,
+            ),
         ];
         for (status, want) in cases {
             assert_eq!(decide(&status, "self:1"), want, "{status:?}");

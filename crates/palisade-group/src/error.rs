@@ -60,6 +60,18 @@ pub enum GroupError {
         #[source]
         source: RaftSource,
     },
+    /// A write that grows the data was refused: the disk of this node (the
+    /// leader), or of too many of the group's voters to commit it, is below
+    /// its reserve. Nothing was applied. Reads, deletes and compaction
+    /// still work; the alarm clears by itself once space is freed.
+    #[error(
+        "group {group}: disk full at replicas {replicas:?}; only reads, deletes and compaction are taken until space is freed"
+    )]
+    DiskFull {
+        group: GroupId,
+        /// The replicas (member ids) whose disk is full.
+        replicas: Vec<NodeId>,
+    },
     /// A membership change could not be carried out as asked.
     #[error("group {group}: {reason}")]
     Membership { group: GroupId, reason: String },

@@ -37,7 +37,7 @@ use std::time::Duration;
 use error::SharedError;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
-use palisade_storage::{LogStore, NodeStore, StateTree};
+use palisade_storage::{DiskGuard, LogStore, NodeStore, StateTree};
 use read_batch::ReadBatcher;
 use write_batch::WriteBatcher;
 
@@ -172,6 +172,10 @@ pub struct RaftGroup {
     /// Whether elections are wanted (hand-overs switch them off for a
     /// while); they run only when wanted and not quarantined.
     elections_wanted: std::sync::atomic::AtomicBool,
+    /// This node's disk-space alarm.
+    disk: DiskGuard,
+    /// The node's peer channels (they know which peers' disks are full).
+    channels: PeerChannels,
 }
 
 impl RaftGroup {
@@ -211,7 +215,7 @@ impl RaftGroup {
         let raft = Raft::new(
             replica,
             config,
-            PeerNetwork::new(id, channels),
+            PeerNetwork::new(id, channels.clone()),
             log.clone(),
             sm,
         )
@@ -237,6 +241,8 @@ impl RaftGroup {
             log,
             quarantine: std::sync::Mutex::new(quarantine),
             elections_wanted: std::sync::atomic::AtomicBool::new(true),
+            disk: store.disk().clone(),
+            channels,
         };
         if group.quarantine().is_some() && group.voter_ids().iter().all(|v| *v == replica) {
             // No other voter can give the lost entries back; waiting would
@@ -386,10 +392,50 @@ impl RaftGroup {
                 leader: Some((to, addr)),
             });
         }
+        if cmd.op.grows_data() {
+            self.check_space()?;
+        }
         match write_batch::batch_keys(&cmd) {
             Some(keys) => self.writes.write(cmd, keys, timeout).await,
             None => propose(self.id, &self.raft, cmd, timeout).await,
         }
+    }
+
+    /// Refuses a write that grows the data when this node's disk is below
+    /// its reserve (the leader appends every entry itself), or when too few
+    /// voters have space to commit it (followers whose disk is full refuse
+    /// entries, see `PeerChannels::mark_disk_full`).
+    fn check_space(&self) -> Result<(), GroupError> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let full: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|v| {
+                if *v == self.replica {
+                    self.disk.is_full()
+                } else {
+                    membership
+                        .get_node(v)
+                        .is_some_and(|n| self.channels.disk_full_recently(&n.addr))
+                }
+            })
+            .collect();
+        let local_full = full.contains(&self.replica);
+        let quorum = voters.len() / 2 + 1;
+        if local_full || voters.len() - full.len() < quorum {
+            return Err(GroupError::DiskFull {
+                group: self.id,
+                replicas: full,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this node's disk is below its reserve.
+    pub fn disk_full(&self) -> bool {
+        self.disk.is_full()
     }
 
     /// ReadIndex: returns once this node is confirmed leader by a quorum and
@@ -772,9 +818,14 @@ impl RaftGroup {
         self.apply_elections();
     }
 
-    /// Elections run when wanted and the replica is not quarantined.
-    fn apply_elections(&self) {
-        let on = self.elections_wanted.load(Ordering::Relaxed) && self.quarantine().is_none();
+    /// Elections run when wanted, the replica is not quarantined and its
+    /// disk is not full: a replica that cannot store new data must not
+    /// lead, and one that refuses entries for a full disk hears no leader
+    /// and would otherwise campaign again and again, unsettling the group.
+    pub fn apply_elections(&self) {
+        let on = self.elections_wanted.load(Ordering::Relaxed)
+            && self.quarantine().is_none()
+            && !self.disk.is_full();
         self.raft.runtime_config().elect(on);
     }
 

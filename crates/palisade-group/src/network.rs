@@ -67,7 +67,13 @@ pub struct PeerChannels {
     inner: Arc<Mutex<BTreeMap<String, (Channel, u64)>>>,
     dials: Arc<std::sync::atomic::AtomicU64>,
     connector: Arc<dyn Connector>,
+    /// Peers that refused entries because their disk is full, and when
+    /// they last did (see [`Self::disk_full_recently`]).
+    disk_full: Arc<Mutex<BTreeMap<String, tokio::time::Instant>>>,
 }
+
+/// How long a peer's "disk full" refusal counts without a new one.
+const DISK_FULL_MEMORY: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Default for PeerChannels {
     fn default() -> Self {
@@ -82,6 +88,30 @@ impl PeerChannels {
             inner: Arc::default(),
             dials: Arc::default(),
             connector,
+            disk_full: Arc::default(),
+        }
+    }
+
+    /// Records that the node at `addr` refused entries: its disk is full.
+    pub fn mark_disk_full(&self, addr: &str) {
+        self.disk_full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_string(), tokio::time::Instant::now());
+    }
+
+    /// Whether the node at `addr` refused entries for a full disk within
+    /// the last few seconds (a leader refuses writes that grow the data
+    /// when too few of its voters could store them).
+    pub fn disk_full_recently(&self, addr: &str) -> bool {
+        let mut full = self.disk_full.lock().unwrap_or_else(|p| p.into_inner());
+        match full.get(addr) {
+            Some(at) if at.elapsed() < DISK_FULL_MEMORY => true,
+            Some(_) => {
+                full.remove(addr);
+                false
+            }
+            None => false,
         }
     }
 
@@ -216,6 +246,18 @@ impl PeerConnection {
         };
         let reply = match tokio::time::timeout(deadline, fut).await {
             Ok(Ok(reply)) => reply.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                // The peer's disk is full: it keeps the connection (and its
+                // group alive) but stores no new data until space is freed.
+                // Not `Unreachable`: openraft would back off and stop the
+                // heartbeats too, and the followers would start elections.
+                self.channels.mark_disk_full(&self.addr);
+                return Err(CallError::Network(format!(
+                    "{}: {}",
+                    status.code(),
+                    status.message()
+                )));
+            }
             Ok(Err(status)) => {
                 // Transport failures and timeouts surface as statuses too;
                 // either way, dial afresh next time.

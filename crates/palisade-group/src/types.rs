@@ -99,6 +99,30 @@ pub enum CommandOp {
     Slots(SlotCommand),
 }
 
+impl CommandOp {
+    /// Whether applying it adds data (a put, a lease, a lock), so that a
+    /// full disk refuses it; deletes, compaction, revocations and the
+    /// cluster's own bookkeeping shrink the data or are small, and go on.
+    pub fn grows_data(&self) -> bool {
+        match self {
+            CommandOp::Txn(t) => t
+                .success
+                .iter()
+                .chain(&t.failure)
+                .any(|op| matches!(op, TxnOp::Put { .. })),
+            CommandOp::LeaseGrant { .. }
+            | CommandOp::LeaseGrantIn { .. }
+            | CommandOp::Lock { .. } => true,
+            CommandOp::Batch(cmds) => cmds.iter().any(|c| c.op.grows_data()),
+            CommandOp::Compact { .. }
+            | CommandOp::LeaseRevoke { .. }
+            | CommandOp::Unlock { .. }
+            | CommandOp::Map(_)
+            | CommandOp::Slots(_) => false,
+        }
+    }
+}
+
 /// Bits of a lease id (of an earlier version) below the group id.
 pub const LEASE_GROUP_SHIFT: u32 = 48;
 

@@ -158,7 +158,13 @@ pub struct NodeConfig {
     /// What to do when a group's Raft stops on its own (a storage error, a
     /// panic): by default the process exits (see [`FatalHook`]).
     pub on_fatal: FatalHook,
+    /// Free space kept in reserve on the data filesystem (see
+    /// `palisade_storage::space`; 0: no alarm).
+    pub disk_reserve_bytes: u64,
 }
+
+/// Default free space kept in reserve on the data filesystem, in bytes.
+pub const DEFAULT_DISK_RESERVE_BYTES: u64 = palisade_storage::space::DEFAULT_RESERVE_BYTES;
 
 /// Called once when one of the node's groups stops on its own, with a
 /// description. A group that stopped cannot serve or vote; a process that
@@ -227,6 +233,7 @@ impl NodeConfig {
             learner: false,
             read_groups: Vec::new(),
             on_fatal: FatalHook::exit_process(),
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
         }
     }
 

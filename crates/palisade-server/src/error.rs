@@ -29,9 +29,9 @@
 
 use palisade_group::{GroupError, Rejection};
 use palisade_proto::v1::{
-    Compacted, EpochMismatch, ErrorDetail, LeaseNotFound, LockHeld, NotEverywhere, NotLeader,
-    NotLockHolder, RevisionNotReached, SlotMoving, StaleFence, UnknownOutcome, WrongGroup,
-    error_detail,
+    Compacted, DiskFull, EpochMismatch, ErrorDetail, LeaseNotFound, LockHeld, NotEverywhere,
+    NotLeader, NotLockHolder, RevisionNotReached, SlotMoving, StaleFence, UnknownOutcome,
+    WrongGroup, error_detail,
 };
 use palisade_storage::StoreError;
 use prost::Message;
@@ -261,6 +261,14 @@ impl From<ServerError> for Status {
                     group_id: group,
                     revision,
                     lagging_node_ids: lagging,
+                }),
+            ),
+            ServerError::Group(GroupError::DiskFull { group, replicas }) => with_detail(
+                Code::ResourceExhausted,
+                msg,
+                error_detail::Kind::DiskFull(DiskFull {
+                    group_id: group,
+                    node_ids: replicas,
                 }),
             ),
             ServerError::Group(GroupError::Rejected(r)) => rejection_status(r, msg),

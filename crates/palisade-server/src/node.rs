@@ -159,6 +159,7 @@ impl Node {
             legacy = legacy_groups.is_some(),
             "node open"
         );
+        spawn_disk_watch(&node);
         crate::reconcile::spawn(&node);
         crate::coordinator::spawn(&node);
         crate::lease::spawn_expiry(&node);
@@ -345,6 +346,11 @@ impl Node {
         }
     }
 
+    /// Whether this node's disk-space alarm is on.
+    pub fn disk_full(&self) -> bool {
+        self.store.disk().is_full()
+    }
+
     /// This data directory's incarnation (see `NodeInfo::incarnation`).
     pub fn incarnation(&self) -> u64 {
         self.incarnation
@@ -468,6 +474,8 @@ impl Node {
             disk_bytes: self.store.size_on_disk().unwrap_or(0),
             write_bytes: write_bytes().unwrap_or(0),
             incarnation: self.incarnation,
+            disk_free_bytes: self.store.disk().free_bytes(),
+            disk_full: self.store.disk().is_full(),
         }
     }
 
@@ -701,6 +709,60 @@ async fn join_cluster(
         tracing::warn!(via = %addr, error = %why, "joining the cluster failed; retrying");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// How often the free space of the data filesystem is measured.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Measures the data filesystem's free space and raises or clears the
+/// disk-space alarm (see `palisade_storage::space`).
+fn spawn_disk_watch(node: &Arc<Node>) {
+    let disk = node.store.disk().clone();
+    disk.set_reserve(node.config.disk_reserve_bytes);
+    if node.config.disk_reserve_bytes == 0 {
+        return;
+    }
+    let id = node.id;
+    let weak = Arc::downgrade(node);
+    node.tasks
+        .spawn("disk space", move |mut shutdown| async move {
+            use palisade_storage::space::AlarmChange;
+            let mut failing = false;
+            loop {
+                let change = disk.check();
+                if matches!(change, Ok(AlarmChange::Raised | AlarmChange::Cleared))
+                    && let Some(node) = weak.upgrade()
+                {
+                    // A full node's replicas stop campaigning (see
+                    // `RaftGroup::apply_elections`), and start again.
+                    for (_, group) in node.registry.all() {
+                        group.apply_elections();
+                    }
+                }
+                match change {
+                    Ok(palisade_storage::space::AlarmChange::Raised) => tracing::error!(
+                        node = id,
+                        free = disk.free_bytes(),
+                        reserve = disk.reserve(),
+                        "disk almost full: refusing writes that add data until space is freed (reads, deletes and compaction go on)"
+                    ),
+                    Ok(palisade_storage::space::AlarmChange::Cleared) => tracing::warn!(
+                        node = id,
+                        free = disk.free_bytes(),
+                        "disk space freed: taking writes again"
+                    ),
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        tracing::warn!(node = id, error = %e, "cannot measure free disk space");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+                if !shutdown.sleep(DISK_CHECK_INTERVAL).await {
+                    return;
+                }
+            }
+        });
 }
 
 /// Keeps each group's MVCC history within the configured retention: every

@@ -378,6 +378,17 @@ impl Node {
                 owner,
                 map_epoch: self.map().epoch,
             },
+            // Member ids are replica ids; the API speaks of nodes.
+            ServerError::Group(GroupError::DiskFull { group, replicas }) => {
+                let map = self.map();
+                ServerError::Group(GroupError::DiskFull {
+                    group,
+                    replicas: replicas
+                        .into_iter()
+                        .map(|r| map.node_of(group, r).unwrap_or(r))
+                        .collect(),
+                })
+            }
             other => other,
         };
         err.into()

@@ -46,6 +46,7 @@ pub mod keys;
 pub mod log;
 pub mod ownership;
 pub mod snapshot;
+pub mod space;
 pub mod state;
 pub mod wal;
 
@@ -56,6 +57,7 @@ pub use flush::{FlushMode, FlushStats, Flusher};
 pub use log::LogStore;
 pub use ownership::{ImportProgress, Ownership};
 pub use snapshot::SnapshotStore;
+pub use space::DiskGuard;
 pub use state::{
     KeyEntry, KeyHistory, KeyRecord, LeaseRecord, LockRecord, PastVersion, RawRecord, ScanResult,
     StateBatch, StateTree, Version,
@@ -88,6 +90,7 @@ pub struct NodeStore {
     db: sled::Db,
     wal: Wal,
     flusher: Flusher,
+    disk: DiskGuard,
 }
 
 /// Records what a bad record in the log means for every group stored here,
@@ -170,7 +173,17 @@ impl NodeStore {
         })?;
         let flusher = Flusher::new(wal.clone(), db.clone(), mode)
             .map_err(|e| StoreError::Flush(format!("cannot start the flusher thread: {e}")))?;
-        Ok(Self { db, wal, flusher })
+        Ok(Self {
+            db,
+            wal,
+            flusher,
+            disk: DiskGuard::new(path),
+        })
+    }
+
+    /// The disk-space alarm of the filesystem this store lives on.
+    pub fn disk(&self) -> &DiskGuard {
+        &self.disk
     }
 
     /// The group-commit flusher shared by all groups of this node.

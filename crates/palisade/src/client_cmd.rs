@@ -615,6 +615,7 @@ fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
             "state": pb::NodeState::try_from(n.state).map(node_state_name).unwrap_or("-"),
             "region": n.region, "zone": n.zone, "read_replica": n.read_replica,
             "flushes": n.flushes, "flush_waiters": n.flush_waiters,
+            "disk_free_bytes": n.disk_free_bytes, "disk_full": n.disk_full,
         })).collect::<Vec<_>>(),
         "map_groups": map.groups.iter().map(|g| serde_json::json!({
             "id": g.id, "epoch": g.epoch, "slots": g.slots, "change": g.change,
@@ -665,7 +666,7 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "NODE  ADDRESS                 STATE     REGION/ZONE   REPLICAS  LEADS  FSYNCS    REACHABLE"
+        "NODE  ADDRESS                 STATE     REGION/ZONE   REPLICAS  LEADS  FSYNCS    DISK FREE      REACHABLE"
     );
     for n in &s.nodes {
         let state = pb::NodeState::try_from(n.state)
@@ -692,10 +693,18 @@ pub fn status_table(s: &pb::ClusterStatusResponse) -> String {
         } else {
             format!("DOWN ({})", n.error)
         };
+        let disk = match (n.reachable, n.disk_full) {
+            (false, _) => "-".to_string(),
+            (true, full) => format!(
+                "{} MiB{}",
+                n.disk_free_bytes / (1024 * 1024),
+                if full { " FULL" } else { "" }
+            ),
+        };
         let _ = writeln!(
             out,
-            "{:<5} {:<23} {:<9} {:<13} {:<9} {:<6} {:<9} {}",
-            n.id, n.addr, state, place, replicas, leads, n.flushes, reach
+            "{:<5} {:<23} {:<9} {:<13} {:<9} {:<6} {:<9} {:<14} {}",
+            n.id, n.addr, state, place, replicas, leads, n.flushes, disk, reach
         );
     }
     if s.nodes.iter().any(|n| n.read_replica) {

@@ -59,6 +59,11 @@ pub struct StartArgs {
     /// compacted automatically (0: keep everything until `cluster compact`).
     #[arg(long, env = "PALISADE_HISTORY_RETENTION", default_value_t = palisade_server::config::DEFAULT_HISTORY_RETENTION)]
     pub history_retention: u64,
+    /// Free space kept in reserve on the data filesystem, in MiB: below
+    /// it, writes that add data are refused (RESOURCE_EXHAUSTED) until
+    /// space is freed; reads, deletes and compaction go on.
+    #[arg(long, env = "PALISADE_DISK_RESERVE_MB", default_value_t = palisade_server::config::DEFAULT_DISK_RESERVE_BYTES / (1024 * 1024))]
+    pub disk_reserve_mb: u64,
     /// Directory for this node's data (created if missing).
     #[arg(long, env = "PALISADE_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -141,6 +146,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<ExitCode> {
     config.zone = args.zone.clone();
     config.coordinator.down_after = args.down_after;
     config.history_retention = args.history_retention;
+    config.disk_reserve_bytes = args.disk_reserve_mb.saturating_mul(1024 * 1024);
     if let Some(a) = &args.advertise {
         config.advertise = a.clone();
     }

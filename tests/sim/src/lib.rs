@@ -156,6 +156,8 @@ pub fn node_config(id: u64, n: u64, data_dir: PathBuf, groups: u64) -> NodeConfi
     config.flush_mode = palisade_storage::FlushMode::Inline;
     config.cache_bytes = 4 * 1024 * 1024;
     config.on_fatal = record_fatal_stop();
+    // Free space is the host's, not the simulation's: no alarm.
+    config.disk_reserve_bytes = 0;
     config
 }
 
@@ -530,6 +532,8 @@ pub fn join_config(id: u64, n: u64, data_dir: PathBuf) -> NodeConfig {
     config.flush_mode = palisade_storage::FlushMode::Inline;
     config.cache_bytes = 4 * 1024 * 1024;
     config.on_fatal = record_fatal_stop();
+    // Free space is the host's, not the simulation's: no alarm.
+    config.disk_reserve_bytes = 0;
     config
 }
 

@@ -686,6 +686,8 @@ impl Admin for AdminService {
                     info.rss_bytes = status.rss_bytes;
                     info.disk_bytes = status.disk_bytes;
                     info.write_bytes = status.write_bytes;
+                    info.disk_free_bytes = status.disk_free_bytes;
+                    info.disk_full = status.disk_full;
                     for g in status.groups {
                         let entry = groups.entry(g.group_id).or_insert_with(|| pb::GroupStatus {
                             group_id: g.group_id,

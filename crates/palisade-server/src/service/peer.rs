@@ -52,6 +52,24 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// A node whose disk is below its reserve stores no entries that add
+    /// data, and no snapshots: it lags behind them (heartbeats, deletes and
+    /// the cluster's bookkeeping still go through, so its groups keep their
+    /// leaders) and catches up once space is freed. The leader counts the
+    /// refusal (`RESOURCE_EXHAUSTED`) when deciding whether a write that
+    /// adds data can commit.
+    fn refuse_when_disk_full(&self) -> Result<(), Status> {
+        if self.node.disk_full() {
+            return Err(Status::resource_exhausted(format!(
+                "node {}: disk almost full; storing no new entries until space is freed",
+                self.node.id()
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn decode<T: DeserializeOwned>(group: u64, payload: &[u8]) -> Result<T, Status> {
     bincode::serde::decode_from_slice(payload, bincode::config::standard())
         .map(|(v, _)| v)
@@ -83,6 +101,13 @@ impl Peer for PeerService {
         let group = self.target(&msg)?;
         let req: openraft::raft::AppendEntriesRequest<TypeConfig> =
             decode(msg.group_id, &msg.payload)?;
+        let grows = req.entries.iter().any(|e| match &e.payload {
+            openraft::EntryPayload::Normal(cmd) => cmd.op.grows_data(),
+            _ => false,
+        });
+        if grows {
+            self.refuse_when_disk_full()?;
+        }
         let result = group.append_entries(req).await;
         reply(msg.group_id, &result)
     }
@@ -103,6 +128,7 @@ impl Peer for PeerService {
         let group = self.target(&msg)?;
         let req: openraft::raft::InstallSnapshotRequest<TypeConfig> =
             decode(msg.group_id, &msg.payload)?;
+        self.refuse_when_disk_full()?;
         let result = group.raft().install_snapshot(req).await;
         reply(msg.group_id, &result)
     }
