@@ -530,16 +530,18 @@ fn data_incarnation(store: &NodeStore) -> Result<u64, ServerError> {
     Ok(incarnation)
 }
 
-/// How long a node with a new data directory asks its `--peers` whether
-/// they already know it (see [`refuse_lost_identity`]).
-const IDENTITY_CHECK: Duration = Duration::from_secs(3);
+/// How long a node with a new data directory waits for each of its
+/// `--peers` to say whether they already know it (see
+/// [`refuse_lost_identity`]).
+const IDENTITY_CHECK: Duration = Duration::from_secs(1);
 
 /// Refuses to start node `id` on a new data directory (incarnation
 /// `incarnation`) when a peer's cluster map shows the node already ran with
 /// another one: the node's votes and log are gone, and a replica that
 /// forgot them could vote twice in a term or count toward a quorum for
-/// entries it no longer has. Peers that do not answer within
-/// [`IDENTITY_CHECK`] are skipped (a cluster starting for the first time);
+/// entries it no longer has. One round of questions: peers that do not
+/// answer within [`IDENTITY_CHECK`] are skipped (in a cluster starting for
+/// the first time nobody is listening yet, and nobody waits for anybody);
 /// the coordinator refuses such a process later as well.
 async fn refuse_lost_identity(
     config: &NodeConfig,
@@ -560,8 +562,8 @@ async fn refuse_lost_identity(
         let channel = channels.connector().channel(&addr).ok()?;
         let mut client = AdminClient::new(channel);
         let mut request = tonic::Request::new(pb::GetClusterMapRequest { min_epoch: 0 });
-        request.set_timeout(config.peer_timeout);
-        match tokio::time::timeout(config.peer_timeout, client.get_cluster_map(request))
+        request.set_timeout(IDENTITY_CHECK);
+        match tokio::time::timeout(IDENTITY_CHECK, client.get_cluster_map(request))
             .await
             .ok()?
         {
@@ -569,10 +571,8 @@ async fn refuse_lost_identity(
             Err(status) => error_detail(&status).is_some().then_some(None),
         }
     };
-    let deadline = tokio::time::Instant::now() + IDENTITY_CHECK;
-    loop {
+    {
         let replies = futures::future::join_all(peers.iter().cloned().map(ask)).await;
-        let answered = replies.iter().any(Option::is_some);
         for (addr, map) in replies.into_iter().flatten().flatten() {
             let known = map.nodes.iter().find(|n| n.id == id);
             if let Some(n) = known
@@ -593,11 +593,8 @@ async fn refuse_lost_identity(
                 )));
             }
         }
-        if answered || tokio::time::Instant::now() >= deadline {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    Ok(())
 }
 
 /// The node's id: kept from its data directory, taken from the config, or

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use palisade_group::{Command, CommandOp, GroupError, RaftGroup};
+use palisade_group::{Command, CommandOp, GroupError, RaftGroup, Rejection};
 use palisade_proto::v1 as pb;
 use palisade_proto::v1::admin_client::AdminClient;
 use palisade_proto::v1::admin_server::Admin;
@@ -87,9 +87,14 @@ impl AdminService {
 /// A map command's result. The map's refusal is `FAILED_PRECONDITION`
 /// (with its reason); a lost meta leadership or quorum stays retryable.
 async fn change_map(node: &Arc<Node>, cmd: MapCommand) -> Result<MapResult, ServerError> {
-    propose_map_typed(node, cmd)
-        .await
-        .map_err(ServerError::Group)
+    propose_map_typed(node, cmd).await.map_err(|e| match e {
+        // The first map is not written yet (a cluster still starting):
+        // retryable, unlike the map's other refusals.
+        GroupError::Rejected(Rejection::Map(palisade_shard::MapError::NotBootstrapped)) => {
+            ServerError::MapNotReady
+        }
+        other => ServerError::Group(other),
+    })
 }
 
 fn node_state(s: NodeState) -> pb::NodeState {
