@@ -571,7 +571,11 @@ impl TestCluster {
             let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             eprintln!("----- node {id} log (last 40 lines) -----");
-            for line in &lines[lines.len().saturating_sub(40)..] {
+            let keep = std::env::var("PALISADE_TEST_LOG_LINES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(40);
+            for line in &lines[lines.len().saturating_sub(keep)..] {
                 eprintln!("{line}");
             }
         }

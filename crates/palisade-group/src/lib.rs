@@ -244,7 +244,18 @@ impl RaftGroup {
             disk: store.disk().clone(),
             channels,
         };
-        if group.quarantine().is_some() && group.voter_ids().iter().all(|v| *v == replica) {
+        // From the core, not the metrics: right after start the metrics may
+        // not carry the membership loaded from the log yet (and an empty
+        // voter set must not pass for "only this replica").
+        let voters: Option<Vec<NodeId>> = match group.quarantine() {
+            Some(_) => group
+                .raft
+                .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
+                .await
+                .ok(),
+            None => None,
+        };
+        if voters.is_some_and(|v| v == [replica]) {
             // No other voter can give the lost entries back; waiting would
             // only keep the group down for good.
             tracing::error!(

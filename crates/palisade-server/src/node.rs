@@ -351,6 +351,12 @@ impl Node {
         self.store.disk().is_full()
     }
 
+    /// Whether this node's free space is below the floor where it stores
+    /// no new data (see `palisade_storage::space`).
+    pub fn disk_below_floor(&self) -> bool {
+        self.store.disk().below_floor()
+    }
+
     /// This data directory's incarnation (see `NodeInfo::incarnation`).
     pub fn incarnation(&self) -> u64 {
         self.incarnation

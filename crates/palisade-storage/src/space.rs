@@ -5,8 +5,10 @@
 //! The reserve is what the node may still use while the alarm is on: the
 //! writes already in flight, deletes and compaction (which shrink the data
 //! later but append to the log now), and the Raft traffic that keeps the
-//! groups alive. The alarm clears by itself once space is freed (with a
-//! margin, so it does not flap at the edge).
+//! groups alive. Below half the reserve (the *floor*) a follower stops
+//! storing entries that add data at all: it lags until space is freed. The
+//! alarm clears by itself once space is freed (with a margin, so it does
+//! not flap at the edge).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,6 +66,12 @@ impl DiskGuard {
     /// Whether the alarm is on: writes that grow the data are refused.
     pub fn is_full(&self) -> bool {
         self.inner.full.load(Ordering::Relaxed)
+    }
+
+    /// Whether free space is below the floor (half the reserve): entries
+    /// that add data are no longer stored at all.
+    pub fn below_floor(&self) -> bool {
+        self.is_full() && self.free_bytes() < self.reserve() / 2
     }
 
     /// Free bytes at the last check (available to this process).
@@ -129,7 +137,9 @@ mod tests {
         assert!(guard.free_bytes() > 0 && guard.free_bytes() < u64::MAX);
         guard.set_reserve(1000);
         assert_eq!(guard.update(999), AlarmChange::Raised);
-        assert!(guard.is_full());
+        assert!(guard.is_full() && !guard.below_floor());
+        assert_eq!(guard.update(499), AlarmChange::Unchanged);
+        assert!(guard.below_floor());
         assert_eq!(
             guard.update(1100),
             AlarmChange::Unchanged,

@@ -53,14 +53,17 @@ impl PeerService {
 }
 
 impl PeerService {
-    /// A node whose disk is below its reserve stores no entries that add
-    /// data, and no snapshots: it lags behind them (heartbeats, deletes and
-    /// the cluster's bookkeeping still go through, so its groups keep their
-    /// leaders) and catches up once space is freed. The leader counts the
-    /// refusal (`RESOURCE_EXHAUSTED`) when deciding whether a write that
-    /// adds data can commit.
-    fn refuse_when_disk_full(&self) -> Result<(), Status> {
-        if self.node.disk_full() {
+    /// A node whose free space is below the floor (half its reserve)
+    /// stores no entries that add data, and no snapshots: it lags behind
+    /// them (heartbeats, deletes and the cluster's bookkeeping still go
+    /// through, so its groups keep their leaders) and catches up once space
+    /// is freed. Between the floor and the reserve it still stores them, so
+    /// writes in flight when the alarm rose commit instead of holding up
+    /// everything behind them. The leader counts the refusal
+    /// (`RESOURCE_EXHAUSTED`) when deciding whether a write that adds data
+    /// can commit.
+    fn refuse_below_disk_floor(&self) -> Result<(), Status> {
+        if self.node.disk_below_floor() {
             return Err(Status::resource_exhausted(format!(
                 "node {}: disk almost full; storing no new entries until space is freed",
                 self.node.id()
@@ -106,7 +109,7 @@ impl Peer for PeerService {
             _ => false,
         });
         if grows {
-            self.refuse_when_disk_full()?;
+            self.refuse_below_disk_floor()?;
         }
         let result = group.append_entries(req).await;
         reply(msg.group_id, &result)
@@ -128,7 +131,7 @@ impl Peer for PeerService {
         let group = self.target(&msg)?;
         let req: openraft::raft::InstallSnapshotRequest<TypeConfig> =
             decode(msg.group_id, &msg.payload)?;
-        self.refuse_when_disk_full()?;
+        self.refuse_below_disk_floor()?;
         let result = group.raft().install_snapshot(req).await;
         reply(msg.group_id, &result)
     }
