@@ -438,3 +438,77 @@ async fn a_full_disk_raises_an_alarm_not_a_zombie_and_clears_by_itself() {
         .wait_caught_up(followers[0], Duration::from_secs(30))
         .await;
 }
+
+/// The damaged replica is the leader itself: it restarts with a shorter log
+/// while a follower still holds what it lost. It must not come back as
+/// leader of its old term (openraft restarts a replica that had won its
+/// vote straight into leadership), or it would hand out the lost entries'
+/// log ids again to new writes; the follower with the full log leads, and
+/// every replica ends with every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_leader_does_not_lead_again_with_what_it_lost() {
+    let mut opts = ClusterOptions::new(3);
+    opts.groups = 1;
+    let mut cluster = TestCluster::start(opts).await;
+    let client = cluster.client().await;
+    for i in 0..200u32 {
+        client.put(format!("old-{i:04}"), "v").await.expect("put");
+    }
+    let status = cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(30))
+        .await;
+    let (leader, followers) = leader_and_followers(&status, DATA_GROUP);
+    let lagging = followers[0];
+    eprintln!("ROLES leader={leader} lagging={lagging}");
+    cluster.pause(lagging);
+    for i in 0..100u32 {
+        client
+            .put(format!("new-{i:04}"), "v")
+            .await
+            .expect("put with one follower paused");
+    }
+    cluster.kill(leader);
+    let flipped = flip_at(&newest_segment(&cluster, leader), b"new-0000");
+    assert!(flipped >= 1);
+    cluster.restart(leader);
+    cluster.resume(lagging);
+    cluster
+        .wait_for_leaders(&[1, 2, 3], Duration::from_secs(60))
+        .await;
+    // New writes after the damage, then every write is on every replica.
+    let client = cluster.client().await;
+    for i in 0..50u32 {
+        client
+            .put(format!("after-{i:04}"), "v")
+            .await
+            .expect("put after");
+    }
+    for (prefix, n) in [("old", 200u32), ("new", 100), ("after", 50)] {
+        for i in 0..n {
+            let key = format!("{prefix}-{i:04}");
+            let got = client.get(key.clone()).await.expect("get");
+            assert!(got.kv.is_some(), "{key} lost");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = cluster.status().await;
+        let same = s.as_ref().is_some_and(|s| {
+            s.groups.iter().filter(|g| g.group_id == DATA_GROUP).all(|g| {
+                g.replicas.len() == 3
+                    && g.replicas.iter().all(|r| r.key_count == 350 && r.quarantine.is_empty())
+            })
+        });
+        if same {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas did not converge on every write: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in 1..=3 {
+        assert!(!cluster.node_log(id).contains("panicked"), "node {id} panicked");
+    }
+}

@@ -244,26 +244,8 @@ impl RaftGroup {
             disk: store.disk().clone(),
             channels,
         };
-        // From the core, not the metrics: right after start the metrics may
-        // not carry the membership loaded from the log yet (and an empty
-        // voter set must not pass for "only this replica").
-        let voters: Option<Vec<NodeId>> = match group.quarantine() {
-            Some(_) => group
-                .raft
-                .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
-                .await
-                .ok(),
-            None => None,
-        };
-        if voters.is_some_and(|v| v == [replica]) {
-            // No other voter can give the lost entries back; waiting would
-            // only keep the group down for good.
-            tracing::error!(
-                group = id,
-                "this replica's log was damaged and it is the group's only voter: what was lost is lost; serving the rest"
-            );
-            group.end_quarantine().await;
-        }
+        // The disk may be full already (see `apply_elections`).
+        group.apply_elections();
         Ok(group)
     }
 
@@ -326,6 +308,22 @@ impl RaftGroup {
             });
         }
         self.raft.vote(req).await
+    }
+
+    /// Ends the quarantine on an operator's word (`palisade start
+    /// --accept-log-damage`): the replica votes with what its log has left,
+    /// accepting that entries it lost may be lost for good. Needed when no
+    /// other replica can give them back (a group whose only voter is
+    /// damaged, or a majority of damaged replicas).
+    pub async fn accept_log_damage(&self) {
+        if let Some(why) = self.quarantine() {
+            tracing::error!(
+                group = self.id,
+                %why,
+                "quarantine lifted by the operator (--accept-log-damage): entries this replica lost may be lost for good"
+            );
+            self.end_quarantine().await;
+        }
     }
 
     async fn end_quarantine(&self) {

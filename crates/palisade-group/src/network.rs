@@ -247,12 +247,13 @@ impl PeerConnection {
         let reply = match tokio::time::timeout(deadline, fut).await {
             Ok(Ok(reply)) => reply.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
-                // The peer's disk is full: it keeps the connection (and its
-                // group alive) but stores no new data until space is freed.
-                // Not `Unreachable`: openraft would back off and stop the
-                // heartbeats too, and the followers would start elections.
+                // The peer's disk is full: it keeps the connection but
+                // stores no new data until space is freed. `Unreachable`
+                // makes openraft back off instead of re-sending the batch at
+                // once; the heartbeats it skips meanwhile cost nothing, as a
+                // full node does not campaign.
                 self.channels.mark_disk_full(&self.addr);
-                return Err(CallError::Network(format!(
+                return Err(CallError::Unreachable(format!(
                     "{}: {}",
                     status.code(),
                     status.message()

@@ -161,6 +161,9 @@ pub struct NodeConfig {
     /// Free space kept in reserve on the data filesystem (see
     /// `palisade_storage::space`; 0: no alarm).
     pub disk_reserve_bytes: u64,
+    /// Lift every quarantine of a damaged log at open (the operator accepts
+    /// that what the damage took may be lost; see `RaftGroup::accept_log_damage`).
+    pub accept_log_damage: bool,
 }
 
 /// Default free space kept in reserve on the data filesystem, in bytes.
@@ -234,6 +237,7 @@ impl NodeConfig {
             read_groups: Vec::new(),
             on_fatal: FatalHook::exit_process(),
             disk_reserve_bytes: DEFAULT_DISK_RESERVE_BYTES,
+            accept_log_damage: false,
         }
     }
 

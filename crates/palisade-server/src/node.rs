@@ -229,6 +229,9 @@ impl Node {
         )
         .await?;
         let g = Arc::new(g);
+        if self.config.accept_log_damage {
+            g.accept_log_damage().await;
+        }
         self.registry.insert(g.clone());
         self.watch_for_fatal_stop(&g);
         tracing::info!(node = self.id, group, replica, "replica open");

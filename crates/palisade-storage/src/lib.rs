@@ -310,6 +310,23 @@ impl NodeStore {
 mod tests {
     use super::*;
 
+    /// Opens the store at `path`, waiting out the file lock a just-dropped
+    /// store's sled threads may still hold on a busy machine.
+    fn open_store(path: &Path) -> NodeStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match NodeStore::open(path, 8 << 20) {
+                Ok(store) => return store,
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("opening the store: {e}"),
+            }
+        }
+    }
+
     openraft::declare_raft_types!(
         Types:
             D = u64,
@@ -321,7 +338,7 @@ mod tests {
     fn an_unfinished_sled_snapshot_does_not_stop_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+            let store = open_store(dir.path());
             let state = store.state_tree(1).unwrap();
             let mut b = state.batch();
             b.put(b"k", b"v".to_vec(), 1).unwrap();
@@ -332,7 +349,7 @@ mod tests {
         // What a full disk leaves behind: an empty snapshot being written,
         // sorting after every finished one.
         std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFF0.generating"), b"").unwrap();
-        let store = NodeStore::open(dir.path(), 8 << 20).expect("opens");
+        let store = open_store(dir.path());
         assert!(!dir.path().join("snap.FFFFFFFFFFFFFFF0.generating").exists());
         assert!(store.state_tree(1).unwrap().get(b"k").unwrap().0.is_some());
     }
@@ -351,7 +368,7 @@ mod tests {
             file.write_all_at(&[0xee; 4], 8 + 8 + 2).unwrap();
         };
         {
-            let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+            let store = open_store(dir.path());
             for g in [0u64, 2] {
                 let log = store.log_store::<Types>(g).unwrap();
                 assert_eq!(log.quarantine().unwrap(), None);
@@ -359,15 +376,28 @@ mod tests {
             }
             store.flush().unwrap();
         }
+        // Group 2's replica had won its vote (it led): that must not
+        // survive the damage, or it would restart as leader unelected.
+        {
+            let store = open_store(dir.path());
+            let raft = store.db.open_tree("g2/raft").unwrap();
+            let won = openraft::Vote::new_committed(7, 2u64);
+            raft.insert("vote", error::encode(&won).unwrap()).unwrap();
+            store.flush().unwrap();
+        }
         corrupt_first_record(dir.path());
-        let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+        let store = open_store(dir.path());
+        let stored = store.db.open_tree("g2/raft").unwrap().get("vote").unwrap();
+        let vote: openraft::Vote<u64> = error::decode(&stored.unwrap()).unwrap();
+        assert!(!vote.committed, "the won vote is marked not won");
+        assert_eq!(vote.leader_id.term, 7, "the term stays");
         for g in [0u64, 2] {
             let why = store.log_store::<Types>(g).unwrap().quarantine().unwrap();
             assert!(why.is_some_and(|w| w.contains("corruption")), "group {g}");
         }
         drop(store);
         // It stays recorded across restarts (the log itself is clean now).
-        let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+        let store = open_store(dir.path());
         assert!(
             store
                 .log_store::<Types>(2)
@@ -382,7 +412,7 @@ mod tests {
     fn a_destroyed_group_leaves_nothing_behind_even_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+            let store = open_store(dir.path());
             for g in [1u64, 3] {
                 store.wal.append(g, &[(1, vec![1]), (2, vec![2])]).unwrap();
                 let state = store.state_tree(g).unwrap();
@@ -405,7 +435,7 @@ mod tests {
             assert_eq!(store.replica_record(3).unwrap(), None);
             store.flush().unwrap();
         }
-        let store = NodeStore::open(dir.path(), 8 << 20).unwrap();
+        let store = open_store(dir.path());
         assert_eq!(store.stored_groups(), vec![1]);
         assert_eq!(store.wal.bounds(3), None, "the log entries stay deleted");
         assert_eq!(store.wal.bounds(1), Some((1, 2)));

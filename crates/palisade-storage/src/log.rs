@@ -41,9 +41,22 @@ const QUARANTINE: &str = "quarantine";
 /// [`LogStore::quarantine`]). The committed-index hint goes too: after a cut
 /// the log may end in entries a later truncate had removed, and re-applying
 /// "up to the hint, clamped to the log" could apply one of them.
+///
+/// A vote the replica won (committed, for itself) is kept but marked not
+/// won: openraft restarts a replica holding such a vote straight into
+/// leadership, with no election, and a leader that lost entries of its own
+/// term would hand out their log ids again to different entries — which a
+/// follower still holding the originals would take as already present.
 pub(crate) fn mark_damaged(db: &sled::Db, group: u64, why: &str) -> Result<(), StoreError> {
     let raft = db.open_tree(format!("g{group}/raft"))?;
     raft.remove(COMMITTED)?;
+    if let Some(bytes) = raft.get(VOTE)? {
+        let mut vote: Vote<u64> = decode(&bytes)?;
+        if vote.committed {
+            vote.committed = false;
+            raft.insert(VOTE, encode(&vote)?)?;
+        }
+    }
     raft.insert(QUARANTINE, encode(&why.to_string())?)?;
     Ok(())
 }

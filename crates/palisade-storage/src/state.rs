@@ -1394,6 +1394,23 @@ mod tests {
         assert_eq!(t.export().unwrap(), before, "persisting changes no record");
     }
 
+    /// Opens the sled database at `path` again. A dropped `Db` lets go of
+    /// its file lock only once sled's background threads end, which on a
+    /// busy machine can take a moment.
+    fn reopen_sled(path: &std::path::Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => return db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening sled: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn after_a_crash_sled_holds_exactly_the_persisted_batches() {
         let dir = tempfile::tempdir().unwrap();
@@ -1414,7 +1431,7 @@ mod tests {
             db.flush().unwrap();
             // Dropped without persisting: a crash after the flush.
         }
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = reopen_sled(dir.path());
         let t = StateTree::open(&db, 1).unwrap();
         assert_eq!(t.meta::<u64>("applied").unwrap(), Some(1));
         assert_eq!(t.get(b"k").unwrap().0.unwrap().value, b"one");

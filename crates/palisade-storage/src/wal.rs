@@ -601,8 +601,22 @@ fn verifies_at(data: &[u8], at: usize) -> bool {
 /// are not aligned, so every offset is tried; zeroed space (a segment's
 /// unwritten end) is skipped cheaply by its zero length.
 fn next_verified_record(data: &[u8], from: usize) -> Option<usize> {
-    (from..data.len().saturating_sub(RECORD_HEADER))
-        .find(|&at| data[at..at + 4] != [0, 0, 0, 0] && verifies_at(data, at))
+    let end = data.len().saturating_sub(RECORD_HEADER);
+    let mut at = from;
+    while at < end {
+        if data[at..at + 4] == [0, 0, 0, 0] {
+            // A record's length has a non-zero byte among its first four:
+            // skip a run of zeros (a segment's unwritten end) in one go.
+            let nonzero = at + data[at..].iter().position(|b| *b != 0)?;
+            at = nonzero.saturating_sub(3).max(at + 1);
+            continue;
+        }
+        if verifies_at(data, at) {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
 }
 
 fn replay_segment(
@@ -631,6 +645,13 @@ fn replay_segment(
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len == 0 {
+            // The end of what was written — unless a record that verifies
+            // follows: then a zeroed block (a lost or misdirected write)
+            // hides records, which is corruption like any bad record.
+            if let Some(after) = next_verified_record(&data, at + 1) {
+                end.bad_record = Some(at as u64);
+                end.verified_after = Some(after as u64);
+            }
             break;
         }
         let body = at + RECORD_HEADER;
@@ -808,6 +829,36 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn a_zeroed_block_hiding_records_is_corruption_not_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), DEFAULT_SEGMENT_BYTES).unwrap();
+        wal.append(1, &entries(1, 1..4)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        // The second record's header is zeroed (a lost write); the third
+        // still verifies.
+        let path = segment_path(dir.path(), 1);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let record = RECORD_HEADER + PAYLOAD_HEADER + 5;
+        let second = (HEADER + record) as u64;
+        file.write_all_at(&[0u8; RECORD_HEADER], second).unwrap();
+        drop(file);
+        let mut seen = Vec::new();
+        let wal = Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |d| {
+            seen.push(d.clone());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 1, "reported");
+        assert_eq!(seen[0].offset, second);
+        assert!(seen[0].is_corruption(), "{}", seen[0]);
+        assert_eq!(wal.read(1, 0..10).unwrap(), entries(1, 1..2));
+        // A clean log's zeroed end is just its end.
+        drop(wal);
+        Wal::open_reporting(dir.path(), DEFAULT_SEGMENT_BYTES, |d| panic!("{d}")).unwrap();
     }
 
     #[test]

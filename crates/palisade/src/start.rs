@@ -64,6 +64,12 @@ pub struct StartArgs {
     /// space is freed; reads, deletes and compaction go on.
     #[arg(long, env = "PALISADE_DISK_RESERVE_MB", default_value_t = palisade_server::config::DEFAULT_DISK_RESERVE_BYTES / (1024 * 1024))]
     pub disk_reserve_mb: u64,
+    /// Lift the quarantine of replicas whose log was found corrupt, without
+    /// waiting for a leader to give back what they lost: only when no
+    /// healthy replica can (a group whose only voter is damaged, or a
+    /// majority damaged) and losing those entries is accepted.
+    #[arg(long)]
+    pub accept_log_damage: bool,
     /// Directory for this node's data (created if missing).
     #[arg(long, env = "PALISADE_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -147,6 +153,7 @@ pub async fn run(args: StartArgs) -> anyhow::Result<ExitCode> {
     config.coordinator.down_after = args.down_after;
     config.history_retention = args.history_retention;
     config.disk_reserve_bytes = args.disk_reserve_mb.saturating_mul(1024 * 1024);
+    config.accept_log_damage = args.accept_log_damage;
     if let Some(a) = &args.advertise {
         config.advertise = a.clone();
     }
