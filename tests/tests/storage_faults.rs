@@ -494,10 +494,15 @@ async fn a_damaged_leader_does_not_lead_again_with_what_it_lost() {
     loop {
         let s = cluster.status().await;
         let same = s.as_ref().is_some_and(|s| {
-            s.groups.iter().filter(|g| g.group_id == DATA_GROUP).all(|g| {
-                g.replicas.len() == 3
-                    && g.replicas.iter().all(|r| r.key_count == 350 && r.quarantine.is_empty())
-            })
+            s.groups
+                .iter()
+                .filter(|g| g.group_id == DATA_GROUP)
+                .all(|g| {
+                    g.replicas.len() == 3
+                        && g.replicas
+                            .iter()
+                            .all(|r| r.key_count == 350 && r.quarantine.is_empty())
+                })
         });
         if same {
             break;
@@ -509,6 +514,9 @@ async fn a_damaged_leader_does_not_lead_again_with_what_it_lost() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for id in 1..=3 {
-        assert!(!cluster.node_log(id).contains("panicked"), "node {id} panicked");
+        assert!(
+            !cluster.node_log(id).contains("panicked"),
+            "node {id} panicked"
+        );
     }
 }
