@@ -811,10 +811,15 @@ pub(crate) async fn transfer_leader(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let lease = node.config.timings.election_max;
+    // Every voter but the target stops campaigning for the hand-over, the
+    // old leader too: once the target's first vote request makes it step
+    // down, it would otherwise campaign again at once and (holding the
+    // whole log, and the followers' leases) win back the leadership before
+    // the target's next try — over and over.
     let others: Vec<Peer> = info
         .replicas
         .iter()
-        .filter(|(id, r)| r.role == Role::Voter && **id != target && **id != report.replica)
+        .filter(|(id, r)| r.role == Role::Voter && **id != target)
         .filter_map(|(_, r)| peer_of(r.node))
         .collect();
     // Longer than the whole transfer below (lease + 150 ms, then up to

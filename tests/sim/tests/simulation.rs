@@ -73,6 +73,11 @@ fn membership_seeds_that_once_failed() {
     for seed in [5071, 5089, 5094, 5161] {
         assert_clean(&SimOptions::with_membership(seed, 3));
     }
+    // A meta leader being demoted won its leadership back from every
+    // hand-over target (it kept campaigning itself).
+    for seed in [900026, 900146, 900179] {
+        assert_clean(&SimOptions::with_membership(seed, 5));
+    }
 }
 
 #[test]
