@@ -87,6 +87,9 @@ impl Node {
         key: &[u8],
         route: &RouteInfo,
     ) -> Result<GroupId, ServerError> {
+        // A removed node says so first (typed: the client moves on), not
+        // that its copy of the map is behind — it never catches up.
+        self.check_serving()?;
         let map = self.map();
         if let Some((group, epoch)) = route.hint {
             if self.registry.get(group).is_some() {

@@ -547,28 +547,51 @@ fn sim_timings(config: &mut NodeConfig) {
     config.coordinator.max_move_slots = 1024;
 }
 
-/// Polls the map through `via` until nothing is in flight (or `limit`
-/// passes), then reads every key once more.
+/// Polls the map through the `members` (the newest answer wins) until
+/// nothing is in flight (or `limit` passes), then reads every key once more
+/// through the first member that map has serving: a drained node keeps
+/// running, but its copy of the map stops where it was removed and it
+/// serves nothing.
 async fn settle_then_read(
     rec: Recorder,
     counters: Rc<RefCell<Counters>>,
     keys: u64,
-    via: u64,
+    members: Vec<u64>,
     limit: Duration,
 ) -> turmoil::Result {
+    let mut via = members.first().copied().unwrap_or(1);
     let start = tokio::time::Instant::now();
-    while start.elapsed() < limit {
-        if let Ok(channel) = sim_channel(&addr(via)) {
+    while !limit.is_zero() {
+        let mut newest: Option<pb::ClusterMap> = None;
+        for &m in &members {
+            let Ok(channel) = sim_channel(&addr(m)) else {
+                continue;
+            };
             let mut admin = palisade_proto::v1::admin_client::AdminClient::new(channel);
             let req = pb::GetClusterMapRequest { min_epoch: 0 };
             if let Ok(Ok(r)) =
                 tokio::time::timeout(Duration::from_secs(1), admin.get_cluster_map(req)).await
-                && let Some(m) = r.into_inner().map
-                && m.moving.is_none()
-                && m.groups.iter().all(|g| g.change.is_empty())
+                && let Some(map) = r.into_inner().map
+                && newest.as_ref().is_none_or(|n| map.epoch > n.epoch)
             {
+                newest = Some(map);
+            }
+        }
+        if let Some(map) = &newest {
+            let serving = |id: &u64| {
+                map.nodes
+                    .iter()
+                    .any(|n| n.id == *id && n.state == pb::NodeState::Serving as i32)
+            };
+            if let Some(m) = members.iter().find(|m| serving(m)) {
+                via = *m;
+            }
+            if map.moving.is_none() && map.groups.iter().all(|g| g.change.is_empty()) {
                 break;
             }
+        }
+        if start.elapsed() >= limit {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -764,7 +787,8 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     // Everything healed: (let membership changes finish, then) read every
     // key once more.
     let keys = counters.borrow().ops / KEY_ROTATION;
-    let via = members.iter().copied().min().unwrap_or(1);
+    let mut final_members = members.clone();
+    final_members.sort_unstable();
     let settle = if opts.membership {
         Duration::from_secs(40)
     } else {
@@ -772,7 +796,7 @@ pub fn run(opts: &SimOptions) -> SimOutcome {
     };
     sim.client(
         "final",
-        settle_then_read(rec.clone(), counters.clone(), keys, via, settle),
+        settle_then_read(rec.clone(), counters.clone(), keys, final_members, settle),
     );
     loop {
         match sim.step() {
