@@ -100,6 +100,14 @@ impl PeerChannels {
             .insert(addr.to_string(), tokio::time::Instant::now());
     }
 
+    /// Whether any peer refused entries for a full disk within the last few
+    /// seconds (the write path's cheap first check).
+    pub fn any_disk_full_recently(&self) -> bool {
+        let mut full = self.disk_full.lock().unwrap_or_else(|p| p.into_inner());
+        full.retain(|_, at| at.elapsed() < DISK_FULL_MEMORY);
+        !full.is_empty()
+    }
+
     /// Whether the node at `addr` refused entries for a full disk within
     /// the last few seconds (a leader refuses writes that grow the data
     /// when too few of its voters could store them).
